@@ -1,0 +1,22 @@
+//! clockcarry: keep a KVM guest's clock continuous across pause/resume,
+//! live update, live migration and snapshot/restore.
+//!
+//! Three layers, each usable alone:
+//! - model and planner (pure, no I/O): [`model`], [`pvclock`], [`plan`],
+//!   [`sidecar`], and the [`sim`] of hosts and KVM used to prove the planner;
+//! - [`host`]: CLOCK_TAI, adjtimex, (TSC, TAI) brackets, host identity;
+//! - `kvm` (feature `kvm`): capture and apply on kvm-ioctls file descriptors.
+//!
+//! A VMM links this crate with `default-features = false` (plus `kvm`): no
+//! CLI or HTTP dependency comes along.
+
+pub mod host;
+pub mod model;
+pub mod plan;
+pub mod pvclock;
+pub mod sidecar;
+pub mod sim;
+
+pub use plan::{plan, Destination, ErrorBound, KvmClockAction, Plan, PlanError, PlanMode};
+
+pub use model::*;
