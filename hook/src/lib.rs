@@ -11,6 +11,8 @@
 //! CLI or HTTP dependency comes along.
 
 pub mod host;
+#[cfg(all(feature = "kvm", target_os = "linux", target_arch = "x86_64"))]
+pub mod kvm;
 pub mod model;
 pub mod plan;
 pub mod pvclock;
