@@ -226,12 +226,22 @@ pub fn plan(sidecar: &SidecarBody, dst: &Destination, policy: &Policy) -> Result
     } else {
         (0, 0)
     };
-    if uses_tai {
-        if let Some(max_ns) = policy.max_elapsed_ns {
-            if elapsed_ns > max_ns {
-                return Err(PlanError::ElapsedTooLong { elapsed_ns, max_ns });
-            }
+    if let Some(max_ns) = policy.max_elapsed_ns {
+        // A sidecar's age limit holds in every mode, even where the plan
+        // itself does not use the elapsed time.
+        let age_ns = if uses_tai {
+            elapsed_ns
+        } else {
+            dst.sample.tai_ns.saturating_sub(sidecar.capture.tai_ns)
+        };
+        if age_ns > max_ns {
+            return Err(PlanError::ElapsedTooLong {
+                elapsed_ns: age_ns,
+                max_ns,
+            });
         }
+    }
+    if uses_tai {
         if tai_skew_ns > 0 {
             notes.push(format!(
                 "destination TAI was {tai_skew_ns} ns behind the capture: elapsed clamped to 0"

@@ -577,6 +577,27 @@ fn refuses_stale_beyond_max_elapsed() {
     );
 }
 
+/// The age limit holds for same-host and freeze plans too, which do not use
+/// the elapsed time otherwise.
+#[test]
+fn max_elapsed_holds_in_every_mode() {
+    let (body, mut dst) = simple();
+    dst.identity = body.source_host.clone();
+    let policy = Policy {
+        max_elapsed_ns: Some(1_000_000_000),
+        ..Policy::default()
+    };
+    let err = plan(&body, &dst, &policy).unwrap_err();
+    assert!(matches!(err, PlanError::ElapsedTooLong { .. }), "{err}");
+    let (body, dst) = simple();
+    let freeze = Policy {
+        clock: ClockPolicy::Freeze,
+        ..policy
+    };
+    let err = plan(&body, &dst, &freeze).unwrap_err();
+    assert!(matches!(err, PlanError::ElapsedTooLong { .. }), "{err}");
+}
+
 #[test]
 fn refuses_unsynchronised_when_required() {
     let (body, mut dst) = simple();
