@@ -10,14 +10,18 @@
 //! A VMM links this crate with `default-features = false` (plus `kvm`): no
 //! CLI or HTTP dependency comes along.
 
+#[cfg(feature = "http")]
+pub mod api;
 pub mod host;
 #[cfg(all(feature = "kvm", target_os = "linux", target_arch = "x86_64"))]
 pub mod kvm;
 pub mod model;
 pub mod plan;
 pub mod pvclock;
+pub mod report;
 pub mod sidecar;
 pub mod sim;
+pub mod vmclock_api;
 
 pub use plan::{plan, Destination, ErrorBound, KvmClockAction, Plan, PlanError, PlanMode};
 

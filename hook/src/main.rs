@@ -1,13 +1,83 @@
 //! The `clockcarry` command.
+//!
+//! One binary, two entry points chosen by how it was invoked (argv[0]),
+//! before any argument parsing:
+//!
+//! - as a libvirt QEMU hook (installed as `/etc/libvirt/hooks/qemu` or
+//!   under `/etc/libvirt/hooks/qemu.d/`): libvirt passes
+//!   `<domain> <operation> <sub-operation> <extra>` and the domain XML on
+//!   stdin, which clap must never see;
+//! - otherwise the `clockcarry` command line (cli/).
 
-use clap::Parser;
+mod cli;
 
-/// Keep a KVM guest's clock continuous across pause/resume, live update,
-/// live migration and snapshot/restore.
-#[derive(Parser, Debug)]
-#[command(name = "clockcarry", version, about, long_about = None)]
-struct Cli {}
+use std::ffi::OsString;
+use std::path::Path;
+use std::process::ExitCode;
 
-fn main() {
-    let _cli = Cli::parse();
+/// How the binary was invoked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Invocation {
+    /// The `clockcarry` command line.
+    Command,
+    /// A libvirt QEMU hook.
+    LibvirtHook,
+}
+
+/// Decides the entry point from argv[0]: a file named `qemu` in a `hooks`
+/// directory, or any file in a `qemu.d` directory under `hooks`, is the
+/// libvirt hook.
+fn invocation(argv0: Option<&OsString>) -> Invocation {
+    let Some(path) = argv0.map(Path::new) else {
+        return Invocation::Command;
+    };
+    let parent = path.parent();
+    let parent_name = parent.and_then(Path::file_name);
+    let grandparent_name = parent.and_then(Path::parent).and_then(Path::file_name);
+    let name = path.file_name();
+    let is_hooks = |n: Option<&std::ffi::OsStr>| n.is_some_and(|n| n == "hooks");
+    if name.is_some_and(|n| n == "qemu") && is_hooks(parent_name) {
+        return Invocation::LibvirtHook;
+    }
+    if parent_name.is_some_and(|n| n == "qemu.d") && is_hooks(grandparent_name) {
+        return Invocation::LibvirtHook;
+    }
+    Invocation::Command
+}
+
+fn main() -> ExitCode {
+    let args: Vec<OsString> = std::env::args_os().collect();
+    match invocation(args.first()) {
+        Invocation::LibvirtHook => {
+            // The libvirt hook entry (`clockcarry libvirt ...` and this
+            // argv[0] dispatch) is not implemented yet. A hook must never
+            // block libvirt: say so and let the operation proceed.
+            eprintln!("clockcarry: the libvirt hook entry is not implemented in this version");
+            ExitCode::SUCCESS
+        }
+        Invocation::Command => cli::run(args),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn inv(s: &str) -> Invocation {
+        invocation(Some(&OsString::from(s)))
+    }
+
+    #[test]
+    fn argv0_dispatch() {
+        assert_eq!(inv("clockcarry"), Invocation::Command);
+        assert_eq!(inv("/usr/bin/clockcarry"), Invocation::Command);
+        assert_eq!(inv("/etc/libvirt/hooks/qemu"), Invocation::LibvirtHook);
+        assert_eq!(
+            inv("/etc/libvirt/hooks/qemu.d/50-clockcarry"),
+            Invocation::LibvirtHook
+        );
+        assert_eq!(inv("/tmp/qemu"), Invocation::Command);
+        assert_eq!(inv("/tmp/qemu.d/x"), Invocation::Command);
+        assert_eq!(invocation(None), Invocation::Command);
+    }
 }

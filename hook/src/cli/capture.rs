@@ -1,0 +1,238 @@
+//! `clockcarry capture`: GET vm.clock, pair it with this host's (TSC, TAI)
+//! instant and identity, seal and write the sidecar.
+
+use std::os::unix::fs::DirBuilderExt;
+use std::path::PathBuf;
+
+use clap::Args;
+use clockcarry::model::RunState;
+use clockcarry::sidecar::{Sidecar, SidecarBody};
+use serde::Serialize;
+
+use super::common::{self, api_error, print_json, print_text};
+use super::exit::{CliError, CliResult, Exit, EXIT_STATUS_HELP};
+use super::hostinfo::{self, HostRate};
+use super::units::human_ns;
+use super::ApiArgs;
+
+const LONG_ABOUT: &str = "\
+Capture a VM's clock into a sidecar file.
+
+DESCRIPTION
+    Reads the VM's clock with GET /api/v1/vm.clock on the VMM's API socket
+    (per-vCPU TSC offsets, TSC rate, a KVM_GET_CLOCK sample, the PVTI and
+    the capabilities), checks every field of the answer, pairs it with this
+    host's (TSC, CLOCK_TAI) instant (narrowest of 16 brackets), the clock's
+    quality (adjtimex) and the host's identity, and writes the sidecar
+    atomically (temporary file, fsync, rename, fsync of the directory) with
+    mode 0600. With --key the sidecar is sealed with HMAC-SHA256.
+
+    Run it on the source host before the VM pauses (before send-migration or
+    snapshot). The VM may be running: reading offsets touches no clock.
+
+    Without -o the sidecar goes to $CLOCKCARRY_STATE_DIR/<VM>.sidecar.json
+    (default /var/lib/clockcarry); the VM id must then be 1 to 128 characters
+    of [A-Za-z0-9._-], not starting with '.'.
+
+    The host TSC rate comes from --host-tsc-khz, else a per-boot cache in
+    $CLOCKCARRY_RUN_DIR (default /run/clockcarry), else KVM_GET_TSC_KHZ, else
+    sysfs or a 50 ms calibration.";
+
+fn after_help() -> String {
+    format!(
+        "{EXIT_STATUS_HELP}
+
+EXAMPLES
+    clockcarry capture --api-socket /run/ch.sock --vm web-1
+    clockcarry capture --api-socket /run/ch.sock --vm web-1 -o /shared/web-1.json \\
+        --key /etc/clockcarry/sidecar.key --json"
+    )
+}
+
+/// Capture a VM's clock into a sidecar file.
+#[derive(Args, Debug)]
+#[command(long_about = LONG_ABOUT, after_long_help = after_help())]
+pub struct CaptureArgs {
+    #[command(flatten)]
+    api: ApiArgs,
+    /// The VM's id (UUID or name), recorded in the sidecar.
+    #[arg(long, value_name = "ID")]
+    vm: String,
+    /// Where to write the sidecar [default: $CLOCKCARRY_STATE_DIR/<ID>.sidecar.json].
+    #[arg(short, long, value_name = "FILE")]
+    output: Option<PathBuf>,
+    /// Seal with HMAC-SHA256 under this key file (at least 16 bytes).
+    #[arg(long, value_name = "FILE")]
+    key: Option<PathBuf>,
+    /// This host's TSC rate in kHz, when known better than clockcarry finds it.
+    #[arg(long, value_name = "KHZ", value_parser = clap::value_parser!(u32).range(1..=100_000_000))]
+    host_tsc_khz: Option<u32>,
+    /// Print a JSON summary on stdout.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Serialize)]
+struct CaptureSummary<'a> {
+    sidecar: String,
+    vm_id: &'a str,
+    vcpu_count: usize,
+    state: RunState,
+    guest_tsc_khz: u32,
+    host: &'a str,
+    host_tsc_khz: u32,
+    host_rate: HostRate,
+    capture_tai_ns: u64,
+    uncertainty_ns: u64,
+    synchronised: bool,
+    maxerror_ns: u64,
+    pvti_source: Option<clockcarry::model::PvtiSource>,
+    tsc_offsets_effective: bool,
+    sha256: &'a str,
+    key_id: Option<&'a str>,
+    warnings: Vec<String>,
+}
+
+pub fn run(args: &CaptureArgs) -> CliResult<Exit> {
+    // Everything about the input first: nothing is read from the VMM with
+    // an id or key that cannot be used.
+    if args.vm.is_empty() || args.vm.chars().any(char::is_control) || args.vm.len() > 1024 {
+        return Err(CliError::bad_input(
+            "--vm must be 1 to 1024 bytes without control characters",
+        ));
+    }
+    let (output, default_path) = match &args.output {
+        Some(p) => (p.clone(), false),
+        None => (common::default_sidecar_path(&args.vm)?, true),
+    };
+    let key = common::load_key(args.key.as_deref())?;
+
+    let client = args.api.client();
+    let vm_clock = client.get_vm_clock().map_err(|e| api_error(&e))?;
+    let (identity, rate) = hostinfo::identity(args.host_tsc_khz)?;
+    let sample = hostinfo::sample(rate.khz)?;
+
+    let mut warnings = Vec::new();
+    if !vm_clock.capabilities.tsc_offset {
+        warnings.push(
+            "the VMM reports TSC offsets inert on this host (capabilities.tsc_offset = false)"
+                .to_string(),
+        );
+    }
+    if vm_clock.pvti.is_none() && !vm_clock.kvmclock.has_host_tsc() {
+        warnings.push(format!(
+            "no PVTI and no host_tsc in the kvm-clock sample (flags {}): restore will refuse; \
+             capture again once the guest has enabled kvm-clock",
+            vm_clock.kvmclock.flags
+        ));
+    }
+    for w in &warnings {
+        log::warn!("{w}");
+    }
+
+    let body = SidecarBody::new(args.vm.clone(), identity, sample, vm_clock);
+    let sidecar = Sidecar::seal(body, key.as_ref())
+        .map_err(|e| CliError::internal(format!("the capture cannot be sealed: {e}")))?;
+    if default_path {
+        if let Some(dir) = output.parent() {
+            if !dir.exists() {
+                std::fs::DirBuilder::new()
+                    .recursive(true)
+                    .mode(0o700)
+                    .create(dir)
+                    .map_err(|e| {
+                        CliError::internal(format!("cannot create {}: {e}", dir.display()))
+                    })?;
+            }
+        }
+    }
+    sidecar.write_to(&output).map_err(|e| {
+        CliError::internal(format!("cannot write the sidecar: {e}"))
+            .with_hint("check the directory exists and is writable, or give another -o")
+    })?;
+    let b = &sidecar.body;
+    log::info!(
+        "captured VM {:?} ({} vCPUs) to {}",
+        b.vm.id,
+        b.vm.vcpu_count,
+        output.display()
+    );
+
+    let summary = CaptureSummary {
+        sidecar: output.display().to_string(),
+        vm_id: &b.vm.id,
+        vcpu_count: b.vm_clock.vcpus.len(),
+        state: b.vm_clock.state,
+        guest_tsc_khz: b.vm_clock.tsc_khz,
+        host: &b.source_host.hostname,
+        host_tsc_khz: b.source_host.tsc_khz,
+        host_rate: rate,
+        capture_tai_ns: b.capture.tai_ns,
+        uncertainty_ns: b.capture.uncertainty_ns,
+        synchronised: b.capture.quality.synchronised,
+        maxerror_ns: b.capture.quality.maxerror_ns,
+        pvti_source: b.vm_clock.pvti_source,
+        tsc_offsets_effective: b.vm_clock.capabilities.tsc_offset,
+        sha256: &sidecar.integrity.sha256,
+        key_id: sidecar.integrity.key_id.as_deref(),
+        warnings,
+    };
+    if args.json {
+        print_json(&summary)?;
+    } else {
+        print_text(&human(&summary));
+    }
+    Ok(Exit::Ok)
+}
+
+fn human(s: &CaptureSummary) -> String {
+    let mut out = format!(
+        "captured VM {} ({} vCPU{}, {:?}) to {}\n",
+        s.vm_id,
+        s.vcpu_count,
+        if s.vcpu_count == 1 { "" } else { "s" },
+        s.state,
+        s.sidecar
+    );
+    out.push_str(&format!(
+        "  host          {}, TSC {} kHz ({:?}{})\n",
+        s.host,
+        s.host_tsc_khz,
+        s.host_rate.source,
+        if s.host_rate.cached { ", cached" } else { "" }
+    ));
+    out.push_str(&format!(
+        "  instant       TAI {} ns ± {}\n",
+        s.capture_tai_ns,
+        human_ns(s.uncertainty_ns)
+    ));
+    out.push_str(&format!(
+        "  host clock    {}, maxerror {}\n",
+        if s.synchronised {
+            "synchronised"
+        } else {
+            "NOT synchronised"
+        },
+        human_ns(s.maxerror_ns)
+    ));
+    out.push_str(&format!(
+        "  guest         TSC {} kHz, PVTI {}\n",
+        s.guest_tsc_khz,
+        match s.pvti_source {
+            Some(src) => format!("{src:?}"),
+            None => "none (derived at restore)".to_string(),
+        }
+    ));
+    out.push_str(&format!(
+        "  integrity     sha256 {}{}\n",
+        s.sha256.get(..16).unwrap_or(s.sha256),
+        match s.key_id {
+            Some(id) => format!("…, HMAC key {id}"),
+            None => "…, no HMAC".to_string(),
+        }
+    ));
+    for w in &s.warnings {
+        out.push_str(&format!("  WARNING       {w}\n"));
+    }
+    out
+}

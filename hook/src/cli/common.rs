@@ -1,0 +1,203 @@
+//! Pieces shared by the subcommands: keys, sidecars, VM ids and paths,
+//! error mapping, output.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use clockcarry::api::ApiError;
+use clockcarry::plan::PlanError;
+use clockcarry::sidecar::{Sidecar, SidecarError, SidecarKey};
+use serde::Serialize;
+
+use super::exit::{CliError, CliResult, Exit};
+
+/// Environment variable naming the sidecar directory.
+pub const STATE_DIR_ENV: &str = "CLOCKCARRY_STATE_DIR";
+/// Default sidecar directory.
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/clockcarry";
+/// Longest VM id accepted in a path, bytes.
+pub const MAX_PATH_VM_ID_BYTES: usize = 128;
+
+/// Loads the sidecar key, if one is given. Exit 2 on any problem.
+pub fn load_key(path: Option<&Path>) -> CliResult<Option<SidecarKey>> {
+    match path {
+        None => Ok(None),
+        Some(p) => SidecarKey::from_file(p)
+            .map(Some)
+            .map_err(|e| CliError::bad_input(format!("sidecar key {}: {e}", p.display()))),
+    }
+}
+
+/// The exit status and hint for a sidecar that cannot be used.
+pub fn sidecar_error(path: &Path, err: &SidecarError) -> CliError {
+    let hint = match err {
+        SidecarError::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound => {
+            Some("check the path; capture writes it with `clockcarry capture ... -o FILE`")
+        }
+        SidecarError::DigestMismatch => {
+            Some("the file was altered or damaged after capture: capture again")
+        }
+        SidecarError::HmacMismatch | SidecarError::KeyIdMismatch { .. } => {
+            Some("use the --key the source used, or capture again with this key")
+        }
+        SidecarError::HmacMissing => {
+            Some("a key is configured, so unauthenticated sidecars are refused: capture with --key")
+        }
+        _ => None,
+    };
+    let e = CliError::bad_input(format!("sidecar {}: {err}", path.display()));
+    match hint {
+        Some(h) => e.with_hint(h),
+        None => e,
+    }
+}
+
+/// Reads and verifies a sidecar.
+pub fn read_sidecar(path: &Path, key: Option<&SidecarKey>) -> CliResult<Sidecar> {
+    Sidecar::read_from(path, key).map_err(|e| sidecar_error(path, &e))
+}
+
+/// Checks a VM id that will become part of a path: 1 to 128 bytes of
+/// `[A-Za-z0-9._-]`, not starting with `.` (so neither `.`, `..` nor a
+/// hidden file), no `..` anywhere.
+pub fn check_path_vm_id(id: &str) -> CliResult<()> {
+    let bad = |why: &str| {
+        CliError::bad_input(format!("VM id {id:?} cannot name a file: {why}"))
+            .with_hint("give -o/-i with a path, or use an id of letters, digits, '.', '_' and '-'")
+    };
+    if id.is_empty() {
+        return Err(bad("it is empty"));
+    }
+    if id.len() > MAX_PATH_VM_ID_BYTES {
+        return Err(bad(&format!(
+            "it is longer than {MAX_PATH_VM_ID_BYTES} bytes"
+        )));
+    }
+    if let Some(c) = id
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
+    {
+        return Err(bad(&format!("it contains {c:?}")));
+    }
+    if id.starts_with('.') || id.contains("..") {
+        return Err(bad("it starts with '.' or contains '..'"));
+    }
+    Ok(())
+}
+
+/// `$CLOCKCARRY_STATE_DIR` or `/var/lib/clockcarry`.
+pub fn state_dir() -> PathBuf {
+    std::env::var_os(STATE_DIR_ENV)
+        .filter(|v| !v.is_empty())
+        .map_or_else(|| PathBuf::from(DEFAULT_STATE_DIR), PathBuf::from)
+}
+
+/// The default sidecar path of a VM: `<state dir>/<id>.sidecar.json`.
+pub fn default_sidecar_path(id: &str) -> CliResult<PathBuf> {
+    check_path_vm_id(id)?;
+    Ok(state_dir().join(format!("{id}.sidecar.json")))
+}
+
+/// The exit status of a planner refusal.
+pub fn plan_exit(err: &PlanError) -> Exit {
+    match err {
+        PlanError::Sidecar(_)
+        | PlanError::VmMismatch { .. }
+        | PlanError::VcpuCountMismatch { .. }
+        | PlanError::BadInput { .. }
+        | PlanError::Overflow { .. } => Exit::BadInput,
+        _ => Exit::Refused,
+    }
+}
+
+/// A hint for a planner refusal, when there is a useful one.
+pub fn plan_hint(err: &PlanError) -> Option<&'static str> {
+    match err {
+        PlanError::VmMismatch { .. } => Some("this sidecar belongs to another VM: give the right -i"),
+        PlanError::VcpuCountMismatch { .. } => {
+            Some("this sidecar was captured from a VM with another vCPU count: give the right -i")
+        }
+        PlanError::ElapsedTooLong { .. } => {
+            Some("the sidecar is older than --max-elapsed: capture again, or raise the limit")
+        }
+        PlanError::NotSynchronised { .. } => {
+            Some("synchronise the host clocks (chrony/ntpd/ptp), or drop --require-sync")
+        }
+        PlanError::ClockErrorTooLarge { .. } => {
+            Some("wait for the host clocks to settle, or raise --max-clock-error")
+        }
+        PlanError::RateMismatch { .. } | PlanError::ScalingUnknown { .. } => Some(
+            "restore on a host with the same TSC rate, or one with TSC scaling that reports its ratio",
+        ),
+        PlanError::CaptureInFuture { .. } => {
+            Some("the hosts' clocks disagree by more than they admit: check time synchronisation")
+        }
+        _ => None,
+    }
+}
+
+/// A planner refusal as a CLI error.
+pub fn plan_error(err: &PlanError) -> CliError {
+    let e = CliError::new(plan_exit(err), format!("refused: {err}"));
+    match plan_hint(err) {
+        Some(h) => e.with_hint(h),
+        None => e,
+    }
+}
+
+/// A VMM API failure as a CLI error (exit 4).
+pub fn api_error(err: &ApiError) -> CliError {
+    CliError::new(Exit::Vmm, err.to_string())
+}
+
+/// Writes `value` as pretty JSON to stdout, with a newline. A closed
+/// stdout is not an error worth a panic.
+pub fn print_json<T: Serialize>(value: &T) -> CliResult<()> {
+    let text = serde_json::to_string_pretty(value)
+        .map_err(|e| CliError::internal(format!("cannot encode JSON output: {e}")))?;
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{text}");
+    let _ = out.flush();
+    Ok(())
+}
+
+/// Writes text to stdout; a closed stdout is ignored.
+pub fn print_text(text: &str) {
+    let mut out = std::io::stdout().lock();
+    let _ = out.write_all(text.as_bytes());
+    let _ = out.flush();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vm_ids_for_paths() {
+        for ok in [
+            "web-1",
+            "4f0d1c2e-9a7b-4c59-8a51-3b1f6f0e2d71",
+            "a.b_c",
+            "A",
+        ] {
+            assert!(check_path_vm_id(ok).is_ok(), "{ok}");
+        }
+        let long = "a".repeat(129);
+        for bad in [
+            "",
+            ".",
+            "..",
+            "../x",
+            "a/b",
+            "a..b",
+            ".hidden",
+            "a b",
+            "é",
+            "a\0b",
+            long.as_str(),
+        ] {
+            let err = check_path_vm_id(bad).expect_err(bad);
+            assert_eq!(err.exit, Exit::BadInput);
+        }
+    }
+}

@@ -1,0 +1,304 @@
+//! The `clockcarry` command line: argument parsing, subcommands, report
+//! printing, logging and exit codes. See docs/cli.md.
+
+mod bench;
+mod capture;
+mod check;
+mod common;
+mod exit;
+mod hostinfo;
+mod inspect;
+mod logger;
+mod offline;
+mod restore;
+mod units;
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use log::LevelFilter;
+
+pub use exit::{CliError, Exit};
+
+use exit::EXIT_STATUS_HELP;
+
+const ABOUT: &str =
+    "Keep a KVM guest's clocks (TSC and kvm-clock) continuous across pause/resume, \
+live update, live migration and snapshot/restore";
+
+const LONG_ABOUT: &str = "\
+Keep a KVM guest's clocks (TSC and kvm-clock) continuous across pause/resume,
+live update, live migration and snapshot/restore.
+
+DESCRIPTION
+    Before the VM pauses on the source, `clockcarry capture` reads the VM's clock
+    through the VMM's vm.clock API and writes it, with this host's (TSC, TAI)
+    instant, to a sidecar file. On the destination, once the VM state is
+    restored and before any vCPU runs, `clockcarry restore` plans new TSC
+    offsets and the kvm-clock line from the sidecar and a fresh measurement,
+    applies them with one PUT, verifies them and reports what it did.
+    `plan`, `inspect` and `check` help rehearse and diagnose;
+    `bench-restore` measures the blackout `restore` adds.
+
+    Logs go to stderr on a terminal and to syslog (/dev/log) otherwise.";
+
+fn after_help_main() -> String {
+    format!(
+        "{EXIT_STATUS_HELP}
+
+EXAMPLES
+    Live migration with Cloud Hypervisor (source, then destination):
+        clockcarry capture --api-socket /run/ch.sock --vm web-1 -o /shared/web-1.json
+        ch-remote --api-socket /run/ch.sock send-migration ...
+        ch-remote --api-socket /run/ch-dst.sock receive-migration ...,resume=false
+        clockcarry restore --api-socket /run/ch-dst.sock -i /shared/web-1.json --vm web-1
+        ch-remote --api-socket /run/ch-dst.sock resume
+
+SEE ALSO
+    docs/cli.md, docs/design.md, docs/sidecar.md"
+    )
+}
+
+/// Global options.
+#[derive(Parser, Debug)]
+#[command(
+    name = "clockcarry",
+    version,
+    about = ABOUT,
+    long_about = LONG_ABOUT,
+    after_long_help = after_help_main(),
+    propagate_version = true,
+    disable_help_subcommand = true
+)]
+pub struct Cli {
+    /// More log output (-v: debug, -vv: trace).
+    #[arg(short, long, global = true, action = clap::ArgAction::Count, help_heading = "Logging")]
+    verbose: u8,
+    /// Log errors only.
+    #[arg(
+        short,
+        long,
+        global = true,
+        conflicts_with = "verbose",
+        help_heading = "Logging"
+    )]
+    quiet: bool,
+    /// Where logs go: auto = stderr on a terminal, else syslog (/dev/log), else stderr.
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        default_value_t = logger::LogTarget::Auto,
+        value_name = "TARGET",
+        help_heading = "Logging"
+    )]
+    log_target: logger::LogTarget,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    Capture(capture::CaptureArgs),
+    Restore(restore::RestoreArgs),
+    Plan(offline::PlanArgs),
+    Inspect(inspect::InspectArgs),
+    Check(check::CheckArgs),
+    BenchRestore(bench::BenchArgs),
+}
+
+/// How to reach the VMM.
+#[derive(Args, Debug, Clone)]
+pub struct ApiArgs {
+    /// The VMM's API socket (Cloud Hypervisor's --api-socket).
+    #[arg(long, value_name = "PATH")]
+    pub api_socket: PathBuf,
+    /// Give up connecting after this long.
+    #[arg(long, value_name = "DUR", default_value = "1s", value_parser = parse_dur)]
+    pub connect_timeout: u64,
+    /// Give up on a request (connect, send, answer) after this long.
+    #[arg(long, value_name = "DUR", default_value = "10s", value_parser = parse_dur)]
+    pub api_timeout: u64,
+}
+
+impl ApiArgs {
+    pub fn client(&self) -> clockcarry::api::ApiClient {
+        let options = clockcarry::api::ApiOptions {
+            connect_timeout: std::time::Duration::from_nanos(self.connect_timeout),
+            request_timeout: std::time::Duration::from_nanos(self.api_timeout),
+        };
+        clockcarry::api::ApiClient::new(&self.api_socket, options)
+    }
+}
+
+/// Clock policy on the command line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum PolicyArg {
+    /// The guest's clocks count through the blackout (elapsed TAI time).
+    KeepRunning,
+    /// The guest's clocks resume from their capture values.
+    Freeze,
+}
+
+/// What to do when the restore cannot be applied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum OnFailureArg {
+    /// Tell the operator not to resume the VM.
+    Abort,
+    /// Leave the VMM's own clock handling in effect (resuming is safe).
+    VmmDefault,
+}
+
+/// The restore policy knobs.
+#[derive(Args, Debug, Clone)]
+pub struct PolicyArgs {
+    /// keep-running: the guest TSC and kvm-clock count through the blackout;
+    /// freeze: they resume from their capture values.
+    #[arg(long, value_enum, default_value_t = PolicyArg::KeepRunning, value_name = "POLICY")]
+    pub policy: PolicyArg,
+    /// Refuse a sidecar older than this (TAI time since capture), e.g. 10m.
+    #[arg(long, value_name = "DUR", value_parser = parse_dur)]
+    pub max_elapsed: Option<u64>,
+    /// Refuse unless both hosts' clocks are synchronised (adjtimex), when
+    /// the plan uses them (cross-host, keep-running).
+    #[arg(long)]
+    pub require_sync: bool,
+    /// Refuse when a host's maxerror, or the plan's total error bound,
+    /// exceeds this (cross-host, keep-running), e.g. 5ms.
+    #[arg(long, value_name = "DUR", value_parser = parse_dur)]
+    pub max_clock_error: Option<u64>,
+    /// The kvm-clock error the VMM's KVM_SET_CLOCK loop aims for.
+    #[arg(long, value_name = "DUR", default_value = "50ns", value_parser = parse_dur)]
+    pub max_kvmclock_error: u64,
+    /// abort: on failure, say not to resume; vmm-default: on failure, the
+    /// VMM's default clock handling stays in effect (resume is safe).
+    #[arg(long, value_enum, default_value_t = OnFailureArg::Abort, value_name = "WHAT")]
+    pub on_failure: OnFailureArg,
+}
+
+impl PolicyArgs {
+    pub fn policy(&self) -> clockcarry::model::Policy {
+        use clockcarry::model::{ClockPolicy, OnFailure, Policy};
+        Policy {
+            clock: match self.policy {
+                PolicyArg::KeepRunning => ClockPolicy::KeepRunning,
+                PolicyArg::Freeze => ClockPolicy::Freeze,
+            },
+            max_elapsed_ns: self.max_elapsed,
+            require_sync: self.require_sync,
+            max_clock_error_ns: self.max_clock_error,
+            on_failure: match self.on_failure {
+                OnFailureArg::Abort => OnFailure::Abort,
+                OnFailureArg::VmmDefault => OnFailure::VmmDefault,
+            },
+            max_kvmclock_error_ns: self.max_kvmclock_error,
+            ..Policy::default()
+        }
+    }
+
+    /// The same options as command-line words (for re-executing restore).
+    pub fn to_args(&self) -> Vec<String> {
+        let mut v = vec![
+            "--policy".to_string(),
+            match self.policy {
+                PolicyArg::KeepRunning => "keep-running",
+                PolicyArg::Freeze => "freeze",
+            }
+            .to_string(),
+            "--max-kvmclock-error".to_string(),
+            format!("{}ns", self.max_kvmclock_error),
+            "--on-failure".to_string(),
+            match self.on_failure {
+                OnFailureArg::Abort => "abort",
+                OnFailureArg::VmmDefault => "vmm-default",
+            }
+            .to_string(),
+        ];
+        if let Some(ns) = self.max_elapsed {
+            v.push("--max-elapsed".into());
+            v.push(format!("{ns}ns"));
+        }
+        if self.require_sync {
+            v.push("--require-sync".into());
+        }
+        if let Some(ns) = self.max_clock_error {
+            v.push("--max-clock-error".into());
+            v.push(format!("{ns}ns"));
+        }
+        v
+    }
+}
+
+fn parse_dur(s: &str) -> Result<u64, String> {
+    units::parse_duration_ns(s)
+}
+
+/// When `run` was entered: (monotonic instant, CLOCK_MONOTONIC_RAW ns).
+static STARTED: std::sync::OnceLock<(std::time::Instant, u64)> = std::sync::OnceLock::new();
+
+/// The instant the command line started being handled (before parsing).
+pub fn started() -> (std::time::Instant, u64) {
+    *STARTED.get_or_init(|| {
+        (
+            std::time::Instant::now(),
+            clockcarry::host::monotonic_raw_now_ns().unwrap_or(0),
+        )
+    })
+}
+
+/// Runs the `clockcarry` command on `args` (argv, program name first).
+pub fn run(args: Vec<OsString>) -> ExitCode {
+    let _ = started();
+    let cli = match Cli::try_parse_from(args) {
+        Ok(cli) => cli,
+        Err(e) => {
+            let code = match e.kind() {
+                clap::error::ErrorKind::DisplayHelp
+                | clap::error::ErrorKind::DisplayVersion
+                | clap::error::ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => Exit::Ok,
+                _ => Exit::BadInput,
+            };
+            // Printing help to a closed pipe must not panic.
+            let _ = e.print();
+            if e.kind() == clap::error::ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand {
+                return Exit::BadInput.into();
+            }
+            return code.into();
+        }
+    };
+    let level = if cli.quiet {
+        LevelFilter::Error
+    } else {
+        match cli.verbose {
+            0 => LevelFilter::Info,
+            1 => LevelFilter::Debug,
+            _ => LevelFilter::Trace,
+        }
+    };
+    logger::init(level, cli.log_target);
+    let result = match cli.command {
+        Command::Capture(a) => capture::run(&a),
+        Command::Restore(a) => restore::run(&a),
+        Command::Plan(a) => offline::run(&a),
+        Command::Inspect(a) => inspect::run(&a),
+        Command::Check(a) => check::run(&a),
+        Command::BenchRestore(a) => bench::run(&a),
+    };
+    match result {
+        Ok(exit) => exit.into(),
+        Err(err) => {
+            report_error(&err);
+            err.exit.into()
+        }
+    }
+}
+
+/// Prints a failure on stderr (always, with its hint on its own line) and
+/// sends it to syslog when the logger writes there.
+fn report_error(err: &CliError) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr().lock(), "clockcarry: error: {err}");
+    log::error!(target: logger::SYSLOG_ONLY, "{err}");
+}

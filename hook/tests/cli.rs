@@ -1,0 +1,1093 @@
+//! The `clockcarry` command against a fake VMM that speaks the vm.clock API
+//! (tests/cli_support): every subcommand, every documented exit status, and
+//! every restore error path, each checked for its message, its exit code
+//! and that the VM was left untouched (no PUT reached the VMM, offsets
+//! unchanged on a GET). The same paths against the reference VMM are in
+//! tests/cli_refvmm.rs.
+
+mod cli_support;
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+
+use cli_support::{cmd, run, sample_vm, FakeVmm, PutBehavior, TempDir};
+use clockcarry::model::RunState;
+use clockcarry::sidecar::{Sidecar, SidecarKey};
+use serde_json::Value;
+
+const KEY_A: &[u8] = b"clockcarry-cli-test-key-A-not-secret";
+const KEY_B: &[u8] = b"clockcarry-cli-test-key-B-not-secret";
+
+/// A temp dir, a fake VMM with a running 2-vCPU VM, and a sidecar captured
+/// from it (then the VM is paused, as after a restore with resume=false).
+struct Setup {
+    dir: TempDir,
+    vmm: FakeVmm,
+    sidecar: String,
+}
+
+fn setup(tag: &str) -> Setup {
+    setup_with(tag, 2, &[])
+}
+
+fn setup_with(tag: &str, vcpus: u32, extra: &[&str]) -> Setup {
+    let dir = TempDir::new(tag);
+    let vmm = FakeVmm::start(dir.path(), sample_vm(vcpus, RunState::Running));
+    let sidecar = dir.join("vm1.json").display().to_string();
+    let mut args = vec![
+        "capture",
+        "--api-socket",
+        vmm.socket_str(),
+        "--vm",
+        "vm1",
+        "-o",
+        &sidecar,
+    ];
+    args.extend_from_slice(extra);
+    run(dir.path(), &args).expect(0);
+    vmm.with(|s| s.vm.state = RunState::Paused);
+    Setup { dir, vmm, sidecar }
+}
+
+fn restore(s: &Setup, extra: &[&str]) -> cli_support::Run {
+    let mut args = vec![
+        "restore",
+        "--api-socket",
+        s.vmm.socket_str(),
+        "-i",
+        &s.sidecar,
+    ];
+    args.extend_from_slice(extra);
+    run(s.dir.path(), &args)
+}
+
+/// The VM was not touched: no PUT reached the VMM and a GET still shows
+/// the offsets it had.
+#[track_caller]
+fn untouched(s: &Setup, offsets_before: &[i64]) {
+    assert_eq!(s.vmm.puts(), 0, "a PUT reached the VMM");
+    assert_eq!(s.vmm.offsets(), offsets_before, "offsets changed");
+}
+
+fn write_key(dir: &TempDir, name: &str, bytes: &[u8]) -> String {
+    let p = dir.join(name);
+    std::fs::write(&p, bytes).expect("key");
+    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    p.display().to_string()
+}
+
+// ------------------------------------------------------------------ help
+
+#[test]
+fn help_reads_like_a_man_page_for_every_subcommand() {
+    let dir = TempDir::new("help");
+    for sub in [
+        "capture",
+        "restore",
+        "plan",
+        "inspect",
+        "check",
+        "bench-restore",
+    ] {
+        let r = run(dir.path(), &[sub, "--help"]);
+        r.expect(0);
+        for section in ["DESCRIPTION", "EXIT STATUS", "EXAMPLES", "Usage:"] {
+            r.stdout_has(section);
+        }
+        r.stdout_has("3  refused by policy");
+    }
+    run(dir.path(), &["--help"])
+        .expect(0)
+        .stdout_has("EXIT STATUS");
+    run(dir.path(), &["--version"])
+        .expect(0)
+        .stdout_has("clockcarry");
+}
+
+#[test]
+fn bad_arguments_exit_2() {
+    let dir = TempDir::new("args");
+    run(dir.path(), &[]).expect(2);
+    run(dir.path(), &["frobnicate"]).expect(2);
+    run(dir.path(), &["restore", "--api-socket", "/x"]).expect(2);
+    for bad in ["5", "1.5s", "-1s", "10 m", "99999999999999999999h"] {
+        let arg = format!("--max-elapsed={bad}");
+        run(
+            dir.path(),
+            &["restore", "--api-socket", "/x", "-i", "/y", &arg],
+        )
+        .expect(2)
+        .stderr_has("--max-elapsed");
+    }
+    run(
+        dir.path(),
+        &[
+            "restore",
+            "--api-socket",
+            "/x",
+            "-i",
+            "/y",
+            "--policy",
+            "sometimes",
+        ],
+    )
+    .expect(2);
+}
+
+// --------------------------------------------------------------- capture
+
+#[test]
+fn capture_writes_a_valid_private_sidecar() {
+    let s = setup("capture");
+    let meta = std::fs::metadata(&s.sidecar).expect("sidecar written");
+    assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+    let sc = Sidecar::read_from(Path::new(&s.sidecar), None).expect("valid sidecar");
+    assert_eq!(sc.body.vm.id, "vm1");
+    assert_eq!(sc.body.vm.vcpu_count, 2);
+    assert_eq!(sc.body.vm_clock.offsets(), s.vmm.offsets());
+    assert_eq!(sc.body.vm_clock.state, RunState::Running);
+    assert!(sc.body.capture.tai_ns > 0);
+    assert!(sc.integrity.hmac_sha256.is_none());
+
+    // JSON summary, and a sealed capture.
+    let key = write_key(&s.dir, "a.key", KEY_A);
+    let out = s.dir.join("sealed.json").display().to_string();
+    let r = run(
+        s.dir.path(),
+        &[
+            "capture",
+            "--api-socket",
+            s.vmm.socket_str(),
+            "--vm",
+            "vm1",
+            "-o",
+            &out,
+            "--key",
+            &key,
+            "--json",
+        ],
+    );
+    r.expect(0);
+    let j = r.json();
+    assert_eq!(j["vm_id"], "vm1");
+    assert_eq!(j["vcpu_count"], 2);
+    assert!(j["key_id"].is_string());
+    let k = SidecarKey::from_bytes(KEY_A).expect("key");
+    Sidecar::read_from(Path::new(&out), Some(&k)).expect("sealed with key A");
+}
+
+#[test]
+fn capture_default_path_and_vm_id_checks() {
+    let dir = TempDir::new("capture-path");
+    let vmm = FakeVmm::start(dir.path(), sample_vm(1, RunState::Running));
+    run(
+        dir.path(),
+        &["capture", "--api-socket", vmm.socket_str(), "--vm", "web-1"],
+    )
+    .expect(0)
+    .stdout_has("web-1.sidecar.json");
+    let path = dir.join("state").join("web-1.sidecar.json");
+    assert!(path.is_file());
+    // Ids that cannot name a file are refused before anything is read.
+    for bad in ["../etc/passwd", "a/b", "..", ".hidden", "a b", ""] {
+        run(
+            dir.path(),
+            &["capture", "--api-socket", vmm.socket_str(), "--vm", bad],
+        )
+        .expect(2);
+    }
+    assert_eq!(
+        vmm.with(|s| s.gets),
+        1,
+        "refused ids must not reach the VMM"
+    );
+    // With -o any sane id is fine.
+    let out = dir.join("x.json").display().to_string();
+    run(
+        dir.path(),
+        &[
+            "capture",
+            "--api-socket",
+            vmm.socket_str(),
+            "--vm",
+            "a b/c",
+            "-o",
+            &out,
+        ],
+    )
+    .expect(0);
+}
+
+#[test]
+fn capture_refuses_a_bad_vmm_answer_naming_the_field() {
+    let dir = TempDir::new("capture-bad");
+    let vmm = FakeVmm::start(dir.path(), sample_vm(1, RunState::Running));
+    let out = dir.join("x.json").display().to_string();
+    let args = [
+        "capture",
+        "--api-socket",
+        vmm.socket_str(),
+        "--vm",
+        "v",
+        "-o",
+        &out,
+    ];
+    let good: Value = serde_json::to_value(sample_vm(1, RunState::Running)).expect("json");
+    let cases: Vec<(Value, &str)> = vec![
+        (Value::String("not an object".into()), "not a JSON object"),
+        (
+            {
+                let mut v = good.clone();
+                v["tsc_khz"] = 0.into();
+                v
+            },
+            "tsc_khz",
+        ),
+        (
+            {
+                let mut v = good.clone();
+                v["vcpus"] = Value::Array(vec![]);
+                v
+            },
+            "vcpus",
+        ),
+        (
+            {
+                let mut v = good.clone();
+                v["vcpus"][0]["tsc_offset"] = "12".into();
+                v
+            },
+            "vcpus[0].tsc_offset",
+        ),
+        (
+            {
+                let mut v = good.clone();
+                v["state"] = "Sleeping".into();
+                v
+            },
+            "state",
+        ),
+        (
+            {
+                let mut v = good.clone();
+                v.as_object_mut().map(|o| o.remove("capabilities"));
+                v
+            },
+            "capabilities",
+        ),
+    ];
+    for (body, field) in cases {
+        vmm.with(|s| s.get_override = Some((200, body.to_string())));
+        run(dir.path(), &args).expect(4).stderr_has(field);
+        assert!(!Path::new(&out).exists());
+    }
+    vmm.with(|s| s.get_override = Some((200, "{garbage".into())));
+    run(dir.path(), &args).expect(4).stderr_has("not JSON");
+    vmm.with(|s| s.get_override = Some((500, r#"["Error from API","VM is not created"]"#.into())));
+    run(dir.path(), &args)
+        .expect(4)
+        .stderr_has("HTTP 500")
+        .stderr_has("Error from API: VM is not created");
+}
+
+#[test]
+fn socket_errors_are_named() {
+    let dir = TempDir::new("sockets");
+    let out = dir.join("x.json").display().to_string();
+    let missing = dir.join("nope.sock").display().to_string();
+    run(
+        dir.path(),
+        &["capture", "--api-socket", &missing, "--vm", "v", "-o", &out],
+    )
+    .expect(4)
+    .stderr_has("does not exist");
+    // A regular file is not a socket.
+    let file = dir.join("file").display().to_string();
+    std::fs::write(&file, b"").expect("file");
+    run(
+        dir.path(),
+        &["capture", "--api-socket", &file, "--vm", "v", "-o", &out],
+    )
+    .expect(4)
+    .stderr_has("not a Unix socket");
+    // A socket nobody listens on.
+    let dead = dir.join("dead.sock");
+    drop(std::os::unix::net::UnixListener::bind(&dead).expect("bind"));
+    run(
+        dir.path(),
+        &[
+            "capture",
+            "--api-socket",
+            dead.to_str().unwrap_or(""),
+            "--vm",
+            "v",
+            "-o",
+            &out,
+        ],
+    )
+    .expect(4)
+    .stderr_has("connection refused");
+}
+
+#[test]
+fn permission_denied_is_named() {
+    // Root passes any permission check: run the binary as nobody.
+    let dir = TempDir::new("perm");
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let vmm = FakeVmm::start(dir.path(), sample_vm(1, RunState::Running));
+    std::fs::set_permissions(&vmm.socket, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    let is_root = unsafe_geteuid() == 0;
+    let setpriv = Path::new("/usr/bin/setpriv");
+    if !is_root || !setpriv.is_file() {
+        if is_root {
+            println!("SKIP: setpriv not installed");
+            return;
+        }
+        let r = run(
+            dir.path(),
+            &[
+                "capture",
+                "--api-socket",
+                vmm.socket_str(),
+                "--vm",
+                "v",
+                "-o",
+                "/dev/null",
+            ],
+        );
+        r.expect(4).stderr_has("permission denied");
+        return;
+    }
+    // The binary must be reachable by nobody.
+    let reachable = std::process::Command::new(setpriv)
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            cli_support::BIN,
+            "--version",
+        ])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    if !reachable {
+        println!("SKIP: the test binary is not executable by nobody");
+        return;
+    }
+    let out = std::process::Command::new(setpriv)
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            cli_support::BIN,
+            "--log-target",
+            "stderr",
+            "capture",
+            "--api-socket",
+            vmm.socket_str(),
+            "--vm",
+            "v",
+            "-o",
+            "/nonexistent/x.json",
+        ])
+        .env("CLOCKCARRY_RUN_DIR", dir.join("run-nobody"))
+        .output()
+        .expect("setpriv");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(4), "{stderr}");
+    assert!(stderr.contains("permission denied"), "{stderr}");
+    assert_eq!(vmm.with(|s| s.gets), 0);
+}
+
+fn unsafe_geteuid() -> u32 {
+    // SAFETY: geteuid never fails and touches no memory.
+    unsafe { libc::geteuid() }
+}
+
+// --------------------------------------------------------------- restore
+
+#[test]
+fn restore_same_host_copies_the_offsets_and_verifies() {
+    let s = setup("restore-ok");
+    let captured = s.vmm.offsets();
+    // The restored VM starts elsewhere (as a stock VMM would put it).
+    s.vmm.with(|st| {
+        for v in &mut st.vm.vcpus {
+            v.tsc_offset = 12345;
+        }
+    });
+    let r = restore(&s, &["--json", "--vm", "vm1"]);
+    r.expect(0);
+    let j = r.json();
+    assert_eq!(j["outcome"], "applied");
+    assert_eq!(j["exit_code"], 0);
+    assert_eq!(j["summary"]["mode"], "same-host");
+    assert_eq!(j["vm_untouched"], false);
+    assert_eq!(j["verification"]["offsets_match"], true);
+    assert_eq!(j["vcpus"].as_array().map(Vec::len), Some(2));
+    assert_eq!(j["vcpus"][0]["destination_offset"], 12345);
+    assert!(j["timings"]["to_put_answered_ns"].as_u64().unwrap_or(0) > 0);
+    assert!(j["kvmclock"]["verified_error_ns"].is_i64());
+    // One PUT with the captured offsets and a follow_pvti line.
+    assert_eq!(s.vmm.puts(), 1);
+    let put = s.vmm.with(|st| st.put_bodies[0].clone());
+    let sent: Vec<i64> = put["tsc_offsets"]
+        .as_array()
+        .map(|a| a.iter().filter_map(Value::as_i64).collect())
+        .unwrap_or_default();
+    assert_eq!(sent, captured);
+    assert!(put["kvmclock"]["follow_pvti"]["tsc_to_system_mul"].is_u64());
+    assert_eq!(put["kvmclock"]["follow_pvti"]["max_error_ns"], 50);
+    assert!(put["tsc_khz"].is_null());
+    assert_eq!(s.vmm.offsets(), captured);
+
+    // The human report says what happened.
+    let r = restore(&s, &[]);
+    r.expect(0)
+        .stdout_has("restored the clock of VM vm1")
+        .stdout_has("same-host")
+        .stdout_has("vCPU 1")
+        .stdout_has("error bound")
+        .stdout_has("blackout added");
+}
+
+#[test]
+fn restore_dry_run_sends_nothing_and_feeds_plan() {
+    let s = setup("dry-run");
+    let before = s.vmm.offsets();
+    let r = restore(&s, &["--dry-run", "--json"]);
+    r.expect(0);
+    untouched(&s, &before);
+    let j = r.json();
+    assert_eq!(j["outcome"], "dry_run");
+    assert!(j["plan"]["tsc_offsets"].is_array());
+    // The report's destination replays offline.
+    let dst = s.dir.join("dst.json");
+    std::fs::write(&dst, r.stdout.as_bytes()).expect("write");
+    let dst = dst.display().to_string();
+    let p = run(
+        s.dir.path(),
+        &["plan", "-i", &s.sidecar, "--destination", &dst, "--json"],
+    );
+    p.expect(0);
+    let pj = p.json();
+    assert_eq!(pj["plan"]["tsc_offsets"], j["plan"]["tsc_offsets"]);
+    assert_eq!(pj["summary"]["mode"], "same-host");
+    run(
+        s.dir.path(),
+        &["plan", "-i", &s.sidecar, "--destination", &dst],
+    )
+    .expect(0)
+    .stdout_has("offline plan for VM vm1");
+    // A destination file that is not one.
+    std::fs::write(s.dir.join("bad.json"), b"{\"identity\": 3}").expect("write");
+    let bad = s.dir.join("bad.json").display().to_string();
+    run(
+        s.dir.path(),
+        &["plan", "-i", &s.sidecar, "--destination", &bad],
+    )
+    .expect(2)
+    .stderr_has("identity");
+    untouched(&s, &before);
+}
+
+#[test]
+fn restore_refuses_a_corrupt_sidecar() {
+    let s = setup("corrupt");
+    let before = s.vmm.offsets();
+    let gets = s.vmm.with(|st| st.gets);
+    let text = std::fs::read_to_string(&s.sidecar).expect("read");
+    // One digit of an offset changed: the digest no longer matches.
+    let first = before[0].to_string();
+    let altered = text.replacen(&first, &(before[0] + 1).to_string(), 1);
+    assert_ne!(altered, text);
+    std::fs::write(&s.sidecar, altered).expect("write");
+    restore(&s, &[])
+        .expect(2)
+        .stderr_has("integrity.sha256")
+        .stderr_has("do not resume");
+    // Truncated, and not JSON at all.
+    std::fs::write(&s.sidecar, &text[..text.len() / 2]).expect("write");
+    restore(&s, &[]).expect(2).stderr_has("truncated");
+    std::fs::write(&s.sidecar, b"\x00\x01binary").expect("write");
+    restore(&s, &[]).expect(2).stderr_has("not JSON");
+    // Missing.
+    std::fs::remove_file(&s.sidecar).expect("rm");
+    restore(&s, &[]).expect(2).stderr_has("No such file");
+    untouched(&s, &before);
+    assert_eq!(
+        s.vmm.with(|st| st.gets),
+        gets,
+        "bad sidecars are refused before any GET"
+    );
+}
+
+#[test]
+fn restore_refuses_another_vms_sidecar() {
+    let s = setup("other-vm");
+    let before = s.vmm.offsets();
+    let r = restore(&s, &["--vm", "vm2", "--json"]);
+    r.expect(2).stderr_has("is for VM \"vm1\", not \"vm2\"");
+    let j = r.json();
+    assert_eq!(j["outcome"], "refused");
+    assert_eq!(j["vm_untouched"], true);
+    untouched(&s, &before);
+    // A sidecar of a VM with another vCPU count.
+    let other = TempDir::new("other-vm-4");
+    let vmm4 = FakeVmm::start(other.path(), sample_vm(4, RunState::Running));
+    let sc4 = other.join("vm4.json").display().to_string();
+    run(
+        other.path(),
+        &[
+            "capture",
+            "--api-socket",
+            vmm4.socket_str(),
+            "--vm",
+            "vm4",
+            "-o",
+            &sc4,
+        ],
+    )
+    .expect(0);
+    run(
+        s.dir.path(),
+        &["restore", "--api-socket", s.vmm.socket_str(), "-i", &sc4],
+    )
+    .expect(2)
+    .stderr_has("4 vCPUs, the VM has 2");
+    untouched(&s, &before);
+}
+
+#[test]
+fn restore_refuses_a_stale_sidecar() {
+    let s = setup("stale");
+    let before = s.vmm.offsets();
+    std::thread::sleep(std::time::Duration::from_millis(5));
+    restore(&s, &["--max-elapsed", "1ms"])
+        .expect(3)
+        .stderr_has("--max-elapsed")
+        .stderr_has("old");
+    untouched(&s, &before);
+    restore(&s, &["--max-elapsed", "1h", "--dry-run"]).expect(0);
+}
+
+#[test]
+fn restore_refuses_a_key_mismatch() {
+    let s = setup_with("keys", 2, &[]);
+    let before = s.vmm.offsets();
+    let key_a = write_key(&s.dir, "a.key", KEY_A);
+    let key_b = write_key(&s.dir, "b.key", KEY_B);
+    // Unsealed sidecar, key configured: refused.
+    restore(&s, &["--key", &key_a])
+        .expect(2)
+        .stderr_has("unauthenticated");
+    // Sealed with A, restored with B: refused.
+    let sealed = s.dir.join("sealed.json").display().to_string();
+    s.vmm.with(|st| st.vm.state = RunState::Running);
+    run(
+        s.dir.path(),
+        &[
+            "capture",
+            "--api-socket",
+            s.vmm.socket_str(),
+            "--vm",
+            "vm1",
+            "-o",
+            &sealed,
+            "--key",
+            &key_a,
+        ],
+    )
+    .expect(0);
+    s.vmm.with(|st| st.vm.state = RunState::Paused);
+    run(
+        s.dir.path(),
+        &[
+            "restore",
+            "--api-socket",
+            s.vmm.socket_str(),
+            "-i",
+            &sealed,
+            "--key",
+            &key_b,
+        ],
+    )
+    .expect(2)
+    .stderr_has("integrity.key_id")
+    .stderr_has("--key");
+    // A short key file.
+    let short = write_key(&s.dir, "short.key", b"too short");
+    run(
+        s.dir.path(),
+        &[
+            "restore",
+            "--api-socket",
+            s.vmm.socket_str(),
+            "-i",
+            &sealed,
+            "--key",
+            &short,
+        ],
+    )
+    .expect(2)
+    .stderr_has("at least 16");
+    untouched(&s, &before);
+    run(
+        s.dir.path(),
+        &[
+            "restore",
+            "--api-socket",
+            s.vmm.socket_str(),
+            "-i",
+            &sealed,
+            "--key",
+            &key_a,
+        ],
+    )
+    .expect(0);
+}
+
+#[test]
+fn restore_refuses_a_running_vm() {
+    let s = setup("running");
+    s.vmm.with(|st| st.vm.state = RunState::Running);
+    let before = s.vmm.offsets();
+    let r = restore(&s, &["--json"]);
+    r.expect(3)
+        .stderr_has("the VM is Running")
+        .stderr_has("do not resume");
+    assert_eq!(r.json()["vm_untouched"], true);
+    untouched(&s, &before);
+    restore(&s, &["--on-failure", "vmm-default"])
+        .expect(3)
+        .stderr_has("the VMM's default clock handling stays in effect");
+    untouched(&s, &before);
+}
+
+#[test]
+fn restore_when_the_socket_is_gone() {
+    let mut s = setup("gone");
+    let before = s.vmm.offsets();
+    s.vmm.stop();
+    restore(&s, &[])
+        .expect(4)
+        .stderr_has("does not exist")
+        .stderr_has("was not touched");
+    assert_eq!(s.vmm.puts(), 0);
+    assert_eq!(s.vmm.offsets(), before);
+}
+
+#[test]
+fn restore_when_the_vmm_refuses_the_put() {
+    let s = setup("refuse");
+    let before = s.vmm.offsets();
+    s.vmm.with(|st| {
+        st.put = PutBehavior::Refuse(
+            400,
+            vec![
+                "Error from API".into(),
+                "tsc_offsets has 2 entries, the VM has 3 vCPUs".into(),
+            ],
+        )
+    });
+    let r = restore(&s, &["--json"]);
+    r.expect(4)
+        .stderr_has("the VMM refused the clock")
+        .stderr_has("Error from API: tsc_offsets has 2 entries")
+        .stderr_has("offsets unchanged");
+    assert_eq!(r.json()["outcome"], "vmm_error");
+    assert_eq!(r.json()["vm_untouched"], true);
+    assert_eq!(s.vmm.offsets(), before, "VM changed");
+    // Cloud Hypervisor style 500 for a state refusal: still exit 4.
+    s.vmm.with(|st| {
+        st.put = PutBehavior::Refuse(
+            500,
+            vec!["the vCPUs have run since the VM was restored or received".into()],
+        )
+    });
+    restore(&s, &[]).expect(4).stderr_has("vCPUs have run");
+    assert_eq!(s.vmm.offsets(), before, "VM changed");
+}
+
+#[test]
+fn restore_when_the_vmm_fails_and_rolls_back() {
+    let s = setup("rollback");
+    let before = s.vmm.offsets();
+    s.vmm.with(|st| st.put = PutBehavior::FailRolledBack);
+    let r = restore(&s, &["--json"]);
+    r.expect(5).stderr_has("rolled back");
+    assert_eq!(r.json()["outcome"], "rolled_back");
+    assert_eq!(s.vmm.offsets(), before);
+}
+
+#[test]
+fn restore_rolls_back_a_wrong_read_back() {
+    let s = setup("wrong");
+    s.vmm.with(|st| {
+        for v in &mut st.vm.vcpus {
+            v.tsc_offset = 777;
+        }
+        st.put = PutBehavior::ApplyWrongOnce;
+    });
+    let r = restore(&s, &["--json"]);
+    r.expect(5)
+        .stderr_has("verification failed")
+        .stderr_has("written back");
+    assert_eq!(s.vmm.puts(), 2, "the apply and the rollback");
+    let undo = s.vmm.with(|st| st.put_bodies[1].clone());
+    assert_eq!(undo["tsc_offsets"], serde_json::json!([777, 777]));
+    assert!(undo["kvmclock"].is_null());
+    assert_eq!(s.vmm.offsets(), vec![777, 777]);
+}
+
+#[test]
+fn restore_without_an_answer_is_unknown() {
+    let s = setup("hang");
+    s.vmm.with(|st| st.put = PutBehavior::Hang(1500));
+    restore(&s, &["--api-timeout", "300ms"])
+        .expect(6)
+        .stderr_has("no answer within 300 ms")
+        .stderr_has("do NOT resume");
+    let s = setup("close");
+    s.vmm.with(|st| st.put = PutBehavior::Close);
+    restore(&s, &[]).expect(6).stderr_has("PUT vm.clock failed");
+}
+
+#[test]
+fn restore_says_loudly_when_offsets_are_inert() {
+    let s = setup("inert");
+    s.vmm.with(|st| st.vm.capabilities.tsc_offset = false);
+    let r = restore(&s, &["--json"]);
+    r.expect(0);
+    let j = r.json();
+    assert_eq!(j["verification"]["tsc_offsets_effective"], false);
+    let warnings = j["warnings"].to_string();
+    assert!(warnings.contains("INERT"), "{warnings}");
+    restore(&s, &[])
+        .expect(0)
+        .stdout_has("TSC OFFSETS ARE INERT")
+        .stdout_has("NOT checked");
+}
+
+/// A sidecar from "another host": the same capture resealed with another
+/// boot id and hostname.
+fn cross_host_sidecar(s: &Setup) -> String {
+    let mut sc = Sidecar::read_from(Path::new(&s.sidecar), None).expect("read");
+    sc.body.source_host.boot_id = "00000000-1111-2222-3333-444444444444".into();
+    sc.body.source_host.hostname = "elsewhere.example".into();
+    let sealed = Sidecar::seal(sc.body, None).expect("seal");
+    let p = s.dir.join("cross.json");
+    sealed.write_to(&p).expect("write");
+    p.display().to_string()
+}
+
+#[test]
+fn restore_cross_host_uses_elapsed_time_and_policy() {
+    let s = setup("cross");
+    let cross = cross_host_sidecar(&s);
+    let before = s.vmm.offsets();
+    let base = [
+        "restore",
+        "--api-socket",
+        s.vmm.socket_str(),
+        "-i",
+        cross.as_str(),
+    ];
+    let with = |extra: &[&str]| {
+        let mut a: Vec<&str> = base.to_vec();
+        a.extend_from_slice(extra);
+        run(s.dir.path(), &a)
+    };
+    let r = with(&["--dry-run", "--json"]);
+    r.expect(0);
+    let j = r.json();
+    assert_eq!(j["summary"]["mode"], "cross-host");
+    assert!(j["summary"]["elapsed_ns"].as_u64().unwrap_or(0) > 0);
+    assert!(
+        j["summary"]["error_bound"]["total_ns"]
+            .as_u64()
+            .unwrap_or(0)
+            > 0
+    );
+    // Freeze: no elapsed time.
+    let j = with(&["--dry-run", "--json", "--policy", "freeze"]).json();
+    assert_eq!(j["summary"]["elapsed_ns"], 0);
+    // Policy refusals (exit 3), VM untouched.
+    let host_synced = clockcarry::host::clock_quality()
+        .map(|(q, _)| q.synchronised)
+        .unwrap_or(false);
+    if !host_synced {
+        with(&["--require-sync"])
+            .expect(3)
+            .stderr_has("not synchronised");
+        with(&["--max-clock-error", "1ms"])
+            .expect(3)
+            .stderr_has("maxerror");
+    } else {
+        println!("SKIP: --require-sync refusal (this host is synchronised)");
+    }
+    std::thread::sleep(std::time::Duration::from_millis(3));
+    with(&["--max-elapsed", "1ms"])
+        .expect(3)
+        .stderr_has("exceeds the limit");
+    untouched(&s, &before);
+    // And applied.
+    with(&[]).expect(0).stdout_has("cross-host");
+}
+
+// ------------------------------------------------------- inspect / check
+
+#[test]
+fn inspect_shows_and_checks_a_sidecar() {
+    let s = setup("inspect");
+    let r = run(s.dir.path(), &["inspect", &s.sidecar]);
+    r.expect(0)
+        .stdout_has("valid")
+        .stdout_has("vm1, 2 vCPU(s)")
+        .stdout_has("vCPU 1")
+        .stdout_has("captured")
+        .stdout_has("HMAC absent");
+    let j = run(s.dir.path(), &["inspect", &s.sidecar, "--json"]).json();
+    assert_eq!(j["valid"], true);
+    assert_eq!(j["integrity"]["hmac"], "absent");
+    assert_eq!(j["sidecar"]["vm"]["id"], "vm1");
+    let key = write_key(&s.dir, "a.key", KEY_A);
+    run(s.dir.path(), &["inspect", &s.sidecar, "--key", &key])
+        .expect(2)
+        .stderr_has("unauthenticated");
+    let text = std::fs::read_to_string(&s.sidecar).expect("read");
+    std::fs::write(
+        &s.sidecar,
+        text.replace("\"vcpu_count\": 2", "\"vcpu_count\": \"2\""),
+    )
+    .expect("write");
+    run(s.dir.path(), &["inspect", &s.sidecar])
+        .expect(2)
+        .stderr_has("vm.vcpu_count");
+}
+
+#[test]
+fn check_reports_every_item() {
+    let dir = TempDir::new("check");
+    let r = run(dir.path(), &["check", "--json", "--no-kvm"]);
+    assert!(r.code == 0 || r.code == 7, "exit {}: {}", r.code, r.stderr);
+    let j = r.json();
+    let names: Vec<String> = j["checks"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|c| c["name"].as_str().map(String::from))
+                .collect()
+        })
+        .unwrap_or_default();
+    for n in [
+        "tai_offset",
+        "synchronised",
+        "maxerror",
+        "leap_pending",
+        "constant_tsc",
+        "nonstop_tsc",
+        "clocksource",
+        "host_tsc_khz",
+        "sample",
+    ] {
+        assert!(names.iter().any(|x| x == n), "missing {n}: {names:?}");
+    }
+    assert_eq!(j["ready"], r.code == 0);
+    let r = run(dir.path(), &["check", "--max-clock-error", "1ns"]);
+    r.expect(7).stdout_has("FAIL  maxerror");
+}
+
+#[test]
+fn check_probes_kvm_when_it_can() {
+    let dir = TempDir::new("check-kvm");
+    if std::fs::File::open("/dev/kvm").is_err() {
+        println!("SKIP: /dev/kvm not accessible");
+        return;
+    }
+    let r = run(dir.path(), &["check", "--json"]);
+    let j = r.json();
+    let text = j["checks"].to_string();
+    assert!(text.contains("kvm.tsc_offsets_effective"), "{text}");
+    assert!(j["kvm_probe"].is_object());
+}
+
+// ----------------------------------------------------------------- bench
+
+#[test]
+fn bench_restore_reports_order_statistics() {
+    let s = setup("bench");
+    let r = run(
+        s.dir.path(),
+        &[
+            "bench-restore",
+            "--api-socket",
+            s.vmm.socket_str(),
+            "-i",
+            &s.sidecar,
+            "--runs",
+            "5",
+            "--json",
+        ],
+    );
+    r.expect(0);
+    let j = r.json();
+    assert_eq!(j["runs"], 5);
+    assert_eq!(j["samples_blackout_ns"].as_array().map(Vec::len), Some(5));
+    let med = j["blackout_ns"]["median"].as_u64().unwrap_or(0);
+    assert!(med > 0 && med <= j["blackout_ns"]["p99"].as_u64().unwrap_or(0));
+    assert_eq!(s.vmm.puts(), 6, "warm-up + 5 runs");
+    // A failing run stops the benchmark with its code.
+    s.vmm.with(|st| st.vm.state = RunState::Running);
+    run(
+        s.dir.path(),
+        &[
+            "bench-restore",
+            "--api-socket",
+            s.vmm.socket_str(),
+            "-i",
+            &s.sidecar,
+            "--runs",
+            "2",
+        ],
+    )
+    .expect(3)
+    .stderr_has("restore run failed");
+}
+
+// ------------------------------------------------------- logs / dispatch
+
+#[test]
+fn logs_go_to_stderr_when_asked() {
+    let s = setup("logs");
+    let r = restore(&s, &["-v", "--dry-run"]);
+    r.expect(0).stderr_has("clockcarry: debug:");
+    let r = restore(&s, &["-q", "--dry-run"]);
+    r.expect(0);
+    assert!(!r.stderr.contains("debug"), "{}", r.stderr);
+}
+
+#[test]
+fn libvirt_hook_name_does_not_reach_the_cli() {
+    let dir = TempDir::new("argv0");
+    let hooks = dir.join("hooks").join("qemu.d");
+    std::fs::create_dir_all(&hooks).expect("mkdir");
+    let link = hooks.join("50-clockcarry");
+    std::os::unix::fs::symlink(cli_support::BIN, &link).expect("symlink");
+    let out = std::process::Command::new(&link)
+        .args(["vm1", "prepare", "begin", "-"])
+        .output()
+        .expect("run hook");
+    assert_eq!(out.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("libvirt hook"));
+    let _ = cmd(dir.path());
+}
+
+#[test]
+fn host_rate_cache_is_per_boot_and_private() {
+    let dir = TempDir::new("cache");
+    let vmm = FakeVmm::start(dir.path(), sample_vm(1, RunState::Running));
+    let out = dir.join("x.json").display().to_string();
+    let capture = |extra: &[&str]| {
+        let mut a = vec![
+            "capture",
+            "--api-socket",
+            vmm.socket_str(),
+            "--vm",
+            "v",
+            "-o",
+            &out,
+            "--json",
+        ];
+        a.extend_from_slice(extra);
+        run(dir.path(), &a)
+    };
+    let first = capture(&[]);
+    first.expect(0);
+    assert_eq!(first.json()["host_rate"]["cached"], false);
+    let cache = dir.join("run").join("host-tsc-khz.json");
+    let entry: Value =
+        serde_json::from_slice(&std::fs::read(&cache).expect("cache")).expect("json");
+    let boot_id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").expect("boot id");
+    assert_eq!(entry["boot_id"], boot_id.trim());
+    assert!(entry["kernel_release"].is_string());
+    assert_eq!(capture(&[]).json()["host_rate"]["cached"], true);
+    // Another boot's entry is not used (and is replaced).
+    let mut other = entry.clone();
+    other["boot_id"] = "00000000-0000-0000-0000-000000000000".into();
+    other["khz"] = 1.into();
+    std::fs::write(&cache, other.to_string()).expect("write");
+    let j = capture(&[]).json();
+    assert_eq!(j["host_rate"]["cached"], false);
+    assert_eq!(j["host_tsc_khz"], entry["khz"]);
+    // A cache others may write is not trusted.
+    std::fs::write(
+        &cache,
+        other
+            .to_string()
+            .replace("00000000-0000-0000-0000-000000000000", boot_id.trim()),
+    )
+    .expect("write");
+    std::fs::set_permissions(&cache, std::fs::Permissions::from_mode(0o666)).expect("chmod");
+    let j = capture(&[]).json();
+    assert_eq!(j["host_rate"]["cached"], false);
+    assert_eq!(j["host_tsc_khz"], entry["khz"]);
+    // The command line wins.
+    let j = capture(&["--host-tsc-khz", "2000000"]).json();
+    assert_eq!(j["host_tsc_khz"], 2_000_000);
+    assert_eq!(j["host_rate"]["source"], "command_line");
+}
+
+#[test]
+fn capture_to_an_unwritable_place_exits_1_and_restore_finds_the_default_path() {
+    let dir = TempDir::new("exit1");
+    let vmm = FakeVmm::start(dir.path(), sample_vm(1, RunState::Running));
+    run(
+        dir.path(),
+        &[
+            "capture",
+            "--api-socket",
+            vmm.socket_str(),
+            "--vm",
+            "v",
+            "-o",
+            "/nonexistent-dir/x.json",
+        ],
+    )
+    .expect(1)
+    .stderr_has("cannot write the sidecar");
+    // Default path both ways.
+    run(
+        dir.path(),
+        &["capture", "--api-socket", vmm.socket_str(), "--vm", "web-2"],
+    )
+    .expect(0);
+    let mode = std::fs::metadata(dir.join("state"))
+        .expect("state dir")
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o700);
+    vmm.with(|s| s.vm.state = RunState::Paused);
+    let r = run(
+        dir.path(),
+        &[
+            "restore",
+            "--api-socket",
+            vmm.socket_str(),
+            "--vm",
+            "web-2",
+            "--json",
+        ],
+    );
+    r.expect(0);
+    assert!(r.json()["sidecar"]
+        .as_str()
+        .unwrap_or("")
+        .ends_with("state/web-2.sidecar.json"));
+    run(
+        dir.path(),
+        &["restore", "--api-socket", vmm.socket_str(), "--vm", "web-3"],
+    )
+    .expect(2)
+    .stderr_has("web-3.sidecar.json");
+}

@@ -1,0 +1,319 @@
+//! The `clockcarry` command against the reference VMM (`clockcarry-refvmm`,
+//! integration/refvmm) on this machine's /dev/kvm: capture from a running
+//! VM, pause, snapshot, restore it paused in a second VMM process, then
+//! `clockcarry restore` and every error path, each checked for its message,
+//! its exit code and that the VM was left untouched (vm.info's
+//! `clockcarry.clock_put` still false, offsets, rate and state unchanged).
+//!
+//! Needs root (/dev/kvm) and the reference VMM binary: `$CLOCKCARRY_REFVMM`,
+//! or target/<profile>/clockcarry-refvmm (built on demand). Otherwise each
+//! test prints `SKIP: <reason>`.
+
+mod cli_support;
+
+use std::path::{Path, PathBuf};
+
+use cli_support::{refvmm_binary, refvmm_skip_reason, run, RefVmm, TempDir};
+use clockcarry::model::RunState;
+use clockcarry::sidecar::Sidecar;
+use serde_json::Value;
+
+/// A VM captured while running in one VMM, snapshotted, and restored paused
+/// (vm.restore with resume=false) in a second one.
+struct Restored {
+    dir: TempDir,
+    vmm: RefVmm,
+    sidecar: String,
+}
+
+fn skip() -> Option<String> {
+    refvmm_skip_reason()
+}
+
+fn restored(tag: &str, capture_extra: &[&str]) -> Restored {
+    let bin: PathBuf = refvmm_binary().expect("refvmm binary");
+    let dir = TempDir::new(tag);
+    let src = RefVmm::spawn(
+        &bin,
+        dir.path(),
+        "src",
+        &["--kernel", "probe", "--cpus", "2"],
+    )
+    .expect("start source VMM");
+    // Let the probe guest enable kvm-clock (its PVTI is then filled).
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    let sidecar = dir.join("vm1.sidecar.json").display().to_string();
+    let mut args = vec![
+        "capture",
+        "--api-socket",
+        src.socket_str(),
+        "--vm",
+        "vm1",
+        "-o",
+        &sidecar,
+    ];
+    args.extend_from_slice(capture_extra);
+    run(dir.path(), &args).expect(0);
+    src.put_ok("/api/v1/vm.pause", None);
+    let snap = dir.join("snap");
+    let body = format!(r#"{{"destination_url":"file://{}"}}"#, snap.display());
+    src.put_ok("/api/v1/vm.snapshot", Some(&body));
+    drop(src);
+    let vmm = RefVmm::spawn(&bin, dir.path(), "dst", &[]).expect("start destination VMM");
+    let body = format!(
+        r#"{{"source_url":"file://{}","resume":false}}"#,
+        snap.display()
+    );
+    vmm.put_ok("/api/v1/vm.restore", Some(&body));
+    Restored { dir, vmm, sidecar }
+}
+
+impl Restored {
+    fn restore(&self, extra: &[&str]) -> cli_support::Run {
+        let mut args = vec![
+            "restore",
+            "--api-socket",
+            self.vmm.socket_str(),
+            "-i",
+            &self.sidecar,
+        ];
+        args.extend_from_slice(extra);
+        run(self.dir.path(), &args)
+    }
+
+    /// What "untouched" compares: offsets, rate, state, and whether a clock
+    /// PUT was ever applied.
+    fn fingerprint(&self) -> (Vec<i64>, u32, RunState, Value) {
+        let c = self.vmm.clock();
+        let info = self.vmm.info();
+        (
+            c.offsets(),
+            c.tsc_khz,
+            c.state,
+            info["clockcarry"]["clock_put"].clone(),
+        )
+    }
+}
+
+#[test]
+fn refvmm_capture_restore_verify_resume() {
+    if let Some(why) = skip() {
+        println!("SKIP: {why}");
+        return;
+    }
+    let r = restored("rv-ok", &[]);
+    let sc = Sidecar::read_from(Path::new(&r.sidecar), None).expect("sidecar");
+    assert_eq!(sc.body.vm.vcpu_count, 2);
+    assert!(sc.body.vm_clock.pvti.is_some(), "no PVTI captured");
+    assert_eq!(r.vmm.info()["clockcarry"]["clock_put"], false);
+
+    let out = r.restore(&["--json", "--vm", "vm1"]);
+    out.expect(0);
+    let j = out.json();
+    assert_eq!(j["outcome"], "applied");
+    assert_eq!(j["summary"]["mode"], "same-host");
+    let effective = j["verification"]["tsc_offsets_effective"] == true;
+    if effective {
+        assert_eq!(j["verification"]["offsets_match"], true);
+    } else {
+        println!("SKIP: offset verification (TSC offsets are inert on this host)");
+        assert!(j["warnings"].to_string().contains("INERT"));
+    }
+    // kvm-clock follows the source line within the target, as the VMM
+    // reports and as clockcarry verifies from the KVM_GET_CLOCK pair.
+    let vmm_err = j["kvmclock"]["vmm_error_ns"].as_i64().expect("VMM error");
+    let verified = j["kvmclock"]["verified_error_ns"]
+        .as_i64()
+        .expect("verified");
+    assert!(vmm_err.abs() <= 50, "VMM error {vmm_err} ns");
+    assert!(verified.abs() <= 100, "verified error {verified} ns");
+    assert_eq!(r.vmm.info()["clockcarry"]["clock_put"], true);
+
+    // PUT is allowed again while still paused: a second restore works.
+    r.restore(&[])
+        .expect(0)
+        .stdout_has("restored the clock of VM vm1");
+
+    // The VM resumes and runs.
+    r.vmm.put_ok("/api/v1/vm.resume", None);
+    assert_eq!(r.vmm.clock().state, RunState::Running);
+
+    // inspect and an offline plan of the same sidecar.
+    run(r.dir.path(), &["inspect", &r.sidecar])
+        .expect(0)
+        .stdout_has("vm1, 2 vCPU(s)");
+}
+
+#[test]
+fn refvmm_dry_run_and_offline_plan() {
+    if let Some(why) = skip() {
+        println!("SKIP: {why}");
+        return;
+    }
+    let r = restored("rv-dry", &[]);
+    let before = r.fingerprint();
+    let out = r.restore(&["--dry-run", "--json"]);
+    out.expect(0);
+    assert_eq!(r.fingerprint(), before);
+    let dst = r.dir.join("dst.json");
+    std::fs::write(&dst, out.stdout.as_bytes()).expect("write");
+    let p = run(
+        r.dir.path(),
+        &[
+            "plan",
+            "-i",
+            &r.sidecar,
+            "--destination",
+            dst.to_str().unwrap_or(""),
+            "--json",
+        ],
+    );
+    p.expect(0);
+    assert_eq!(
+        p.json()["plan"]["tsc_offsets"],
+        out.json()["plan"]["tsc_offsets"]
+    );
+}
+
+#[test]
+fn refvmm_error_paths_leave_the_vm_untouched() {
+    if let Some(why) = skip() {
+        println!("SKIP: {why}");
+        return;
+    }
+    let key_a = b"clockcarry-cli-test-key-A-not-secret";
+    let key_b = b"clockcarry-cli-test-key-B-not-secret";
+    let r = restored("rv-err", &[]);
+    let before = r.fingerprint();
+    assert_eq!(before.3, false);
+
+    // Corrupt sidecar.
+    let good = std::fs::read_to_string(&r.sidecar).expect("read");
+    let bad = r.dir.join("corrupt.json");
+    std::fs::write(&bad, good.replacen("\"vm1\"", "\"vm2\"", 1)).expect("write");
+    run(
+        r.dir.path(),
+        &[
+            "restore",
+            "--api-socket",
+            r.vmm.socket_str(),
+            "-i",
+            bad.to_str().unwrap_or(""),
+        ],
+    )
+    .expect(2)
+    .stderr_has("integrity.sha256")
+    .stderr_has("was not touched");
+    assert_eq!(r.fingerprint(), before);
+
+    // Another VM's sidecar.
+    r.restore(&["--vm", "vm2"])
+        .expect(2)
+        .stderr_has("is for VM \"vm1\", not \"vm2\"");
+    assert_eq!(r.fingerprint(), before);
+
+    // Stale beyond --max-elapsed.
+    std::thread::sleep(std::time::Duration::from_millis(5));
+    r.restore(&["--max-elapsed", "1ms"])
+        .expect(3)
+        .stderr_has("--max-elapsed");
+    assert_eq!(r.fingerprint(), before);
+
+    // Key mismatch: an unsealed sidecar with a key, and one sealed with A
+    // restored with B.
+    let ka = r.dir.join("a.key");
+    let kb = r.dir.join("b.key");
+    std::fs::write(&ka, key_a).expect("key");
+    std::fs::write(&kb, key_b).expect("key");
+    r.restore(&["--key", kb.to_str().unwrap_or("")])
+        .expect(2)
+        .stderr_has("unauthenticated");
+    let mut sc = Sidecar::read_from(Path::new(&r.sidecar), None).expect("read");
+    sc.body.created_by = "clockcarry test".into();
+    let key = clockcarry::sidecar::SidecarKey::from_bytes(key_a).expect("key");
+    let sealed = r.dir.join("sealed.json");
+    Sidecar::seal(sc.body, Some(&key))
+        .expect("seal")
+        .write_to(&sealed)
+        .expect("write");
+    run(
+        r.dir.path(),
+        &[
+            "restore",
+            "--api-socket",
+            r.vmm.socket_str(),
+            "-i",
+            sealed.to_str().unwrap_or(""),
+            "--key",
+            kb.to_str().unwrap_or(""),
+        ],
+    )
+    .expect(2)
+    .stderr_has("integrity.key_id");
+    assert_eq!(r.fingerprint(), before);
+
+    // The VMM refusing the PUT: resume and pause again, so the vCPUs have
+    // run since the restore. GET says Paused; the PUT is refused.
+    r.vmm.put_ok("/api/v1/vm.resume", None);
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    r.vmm.put_ok("/api/v1/vm.pause", None);
+    let paused = r.fingerprint();
+    let out = r.restore(&["--json"]);
+    out.expect(4)
+        .stderr_has("the VMM refused the clock")
+        .stderr_has("HTTP 500")
+        .stderr_has("vCPUs have run");
+    assert_eq!(out.json()["vm_untouched"], true);
+    assert_eq!(r.fingerprint(), paused);
+
+    // VM running: refused before any PUT.
+    r.vmm.put_ok("/api/v1/vm.resume", None);
+    let running = r.fingerprint();
+    r.restore(&[]).expect(3).stderr_has("the VM is Running");
+    assert_eq!(r.fingerprint(), running);
+
+    // Socket gone.
+    let Restored {
+        dir,
+        mut vmm,
+        sidecar,
+    } = r;
+    vmm.kill();
+    run(
+        dir.path(),
+        &["restore", "--api-socket", vmm.socket_str(), "-i", &sidecar],
+    )
+    .expect(4)
+    .stderr_has("does not exist");
+}
+
+#[test]
+fn refvmm_bench_restore() {
+    if let Some(why) = skip() {
+        println!("SKIP: {why}");
+        return;
+    }
+    let r = restored("rv-bench", &[]);
+    let out = run(
+        r.dir.path(),
+        &[
+            "bench-restore",
+            "--api-socket",
+            r.vmm.socket_str(),
+            "-i",
+            &r.sidecar,
+            "--runs",
+            "10",
+            "--json",
+        ],
+    );
+    out.expect(0);
+    let j = out.json();
+    let median = j["blackout_ns"]["median"].as_u64().unwrap_or(0);
+    println!(
+        "restore blackout against the reference VMM (test profile): median {} µs, p99 {} µs",
+        median / 1000,
+        j["blackout_ns"]["p99"].as_u64().unwrap_or(0) / 1000
+    );
+    assert!(median > 0);
+}
