@@ -1,0 +1,381 @@
+//! GET / PUT /api/v1/vm.clock, as the design brief defines them, on the
+//! library's KVM layer (`clockcarry::kvm::{capture, apply_with}`).
+//!
+//! PUT body:
+//!
+//! ```text
+//! { "tsc_khz": u32 | null, "tsc_offsets": [i64, one per vCPU],
+//!   "kvmclock": {"follow_pvti": {pvti fields, "max_error_ns"}}
+//!             | {"set_clock": {"clock", "realtime", "flags"}} | null }
+//! ```
+//!
+//! Applied by the library in the order frequency -> offsets -> clock ->
+//! KVMCLOCK_CTRL, with rollback of the offsets on failure. `follow_pvti`
+//! becomes KVM_SET_CLOCK_GUEST where the kernel has it, else a KVM_SET_CLOCK
+//! aimed at the line and corrected by the library's loop; `set_clock` is one
+//! raw KVM_SET_CLOCK; `null` leaves kvm-clock alone.
+
+use clockcarry::kvm::{
+    apply_with, capture, ApplyError, ApplyOptions, ApplyReport, ClockOps, KvmError, KvmOps,
+    KvmProbe,
+};
+use clockcarry::model::{
+    Capabilities, KvmClockSample, Pvti, RunState, VmClock, KVM_CLOCK_REALTIME,
+};
+use clockcarry::plan::{ErrorBound, KvmClockAction, Plan, PlanMode};
+use clockcarry::pvclock::{guest_tsc, pvclock_read};
+use clockcarry::{host, ClockPolicy, PvtiSource};
+use kvm_ioctls::{Kvm, VcpuFd};
+use serde::{Deserialize, Serialize};
+
+use crate::vm::{Vm, VmState};
+
+/// `kvmclock.follow_pvti` of the PUT body.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FollowPvti {
+    pub tsc_timestamp: u64,
+    pub system_time: u64,
+    pub tsc_to_system_mul: u32,
+    pub tsc_shift: i8,
+    pub flags: u8,
+    pub max_error_ns: u64,
+}
+
+/// `kvmclock.set_clock` of the PUT body (KVM_SET_CLOCK as is).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SetClock {
+    pub clock: u64,
+    pub realtime: u64,
+    pub flags: u32,
+}
+
+/// `kvmclock` of the PUT body.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum KvmClockPut {
+    FollowPvti(FollowPvti),
+    SetClock(SetClock),
+}
+
+/// The PUT body.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClockPut {
+    pub tsc_khz: Option<u32>,
+    pub tsc_offsets: Vec<i64>,
+    pub kvmclock: Option<KvmClockPut>,
+}
+
+/// The answer to a successful PUT.
+#[derive(Debug, Clone, Serialize)]
+pub struct PutAnswer {
+    /// What was asked and done: `follow_pvti`, `set_clock` or `none`.
+    pub kvmclock_request: &'static str,
+    /// How kvm-clock was set: `clock_guest`, `set_clock` or `none`.
+    pub kvmclock_method: &'static str,
+    /// kvm-clock minus the requested line after the last call, ns
+    /// (follow_pvti only; KVM_GET_CLOCK's pair).
+    pub kvmclock_error_ns: Option<i64>,
+    pub kvmclock_tries: u32,
+    pub tsc_khz_set: Option<u32>,
+    pub tsc_offsets_applied: Vec<i64>,
+    pub tsc_offsets_read_back: Vec<i64>,
+    /// False where the kernel ignores offset writes (this machine's kvm_pvm).
+    pub tsc_offsets_effective: bool,
+    /// Calls the kernel refused that were tolerated.
+    pub refused: Vec<String>,
+    /// The library's full apply report.
+    pub report: ApplyReport,
+}
+
+/// Why a vm.clock call failed, with the HTTP status Cloud Hypervisor would
+/// use for it.
+#[derive(Debug, thiserror::Error)]
+pub enum ClockApiError {
+    /// 400: the body is well-formed JSON but cannot be applied.
+    #[error("{0}")]
+    BadRequest(String),
+    /// 500: the VM is in the wrong state.
+    #[error("{0}")]
+    WrongState(String),
+    /// 500: a KVM call failed (offsets rolled back).
+    #[error("{0}")]
+    Failed(String),
+}
+
+/// The capabilities of this kernel, probed once per process.
+#[derive(Debug, Clone)]
+pub struct ProbedKvm {
+    /// `None` only for a VM without vCPUs (never created).
+    pub probe: Option<KvmProbe>,
+    pub caps: Capabilities,
+}
+
+impl ProbedKvm {
+    /// Probes with the VM's boot vCPU (parked for a few ms when Running)
+    /// and a scratch VM.
+    pub fn run(kvm: &Kvm, vm: &Vm) -> ProbedKvm {
+        let probe = vm.with_vcpus(|fd, vcpus| vcpus.first().map(|v| KvmProbe::run(kvm, fd, v)));
+        let caps = probe
+            .as_ref()
+            .map(KvmProbe::capabilities)
+            .unwrap_or_default();
+        ProbedKvm { probe, caps }
+    }
+
+    fn apply_options(&self) -> ApplyOptions {
+        self.probe
+            .as_ref()
+            .map(ApplyOptions::from_probe)
+            .unwrap_or_default()
+    }
+}
+
+fn run_state(s: VmState) -> RunState {
+    match s {
+        VmState::Running => RunState::Running,
+        VmState::Paused => RunState::Paused,
+    }
+}
+
+/// GET vm.clock: reads only (vCPUs parked for a moment when Running).
+pub fn get(vm: &Vm, probed: &ProbedKvm) -> Result<VmClock, ClockApiError> {
+    let state = run_state(vm.state());
+    let ram = vm.ram();
+    let reader = |gpa: u64| ram.read_32(gpa);
+    vm.with_vcpus(|fd, vcpus| capture(fd, vcpus, &probed.caps, Some(&reader), state))
+        .map_err(|e| ClockApiError::Failed(format!("capture: {e}")))
+}
+
+/// Checks a PUT against the VM before anything is touched.
+pub fn check_put(vm: &Vm, body: &ClockPut) -> Result<(), ClockApiError> {
+    if vm.state() != VmState::Paused {
+        return Err(ClockApiError::WrongState(
+            "VM is not paused: vm.clock PUT is only accepted while Paused".into(),
+        ));
+    }
+    if !vm.restore_pending() {
+        return Err(ClockApiError::WrongState(
+            "the vCPUs have run since the VM was restored or received: vm.clock PUT is only \
+             accepted before the first resume"
+                .into(),
+        ));
+    }
+    let n = usize::try_from(vm.config().vcpus).unwrap_or(0);
+    if body.tsc_offsets.len() != n {
+        return Err(ClockApiError::BadRequest(format!(
+            "tsc_offsets has {} entries, the VM has {n} vCPUs",
+            body.tsc_offsets.len()
+        )));
+    }
+    if body.tsc_khz == Some(0) {
+        return Err(ClockApiError::BadRequest("tsc_khz is 0".into()));
+    }
+    match body.kvmclock {
+        Some(KvmClockPut::FollowPvti(f)) if f.tsc_to_system_mul == 0 => Err(
+            ClockApiError::BadRequest("kvmclock.follow_pvti.tsc_to_system_mul is 0".into()),
+        ),
+        Some(KvmClockPut::SetClock(s)) if s.flags & !KVM_CLOCK_REALTIME != 0 => {
+            Err(ClockApiError::BadRequest(format!(
+                "kvmclock.set_clock.flags {:#x}: only 0 or KVM_CLOCK_REALTIME (4)",
+                s.flags
+            )))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// A (host TSC, CLOCK_REALTIME) pair: the narrowest of a few brackets.
+fn realtime_pair() -> (u64, u64) {
+    let mut best = (u64::MAX, 0, 0);
+    for _ in 0..8 {
+        let a = host::read_host_tsc();
+        let rt = host::realtime_now_ns().unwrap_or(0);
+        let b = host::read_host_tsc();
+        let width = b.saturating_sub(a);
+        if width < best.0 {
+            best = (width, a + width / 2, rt);
+        }
+    }
+    (best.1, best.2)
+}
+
+/// The plan the library's apply runs for a PUT body.
+fn plan_for(body: &ClockPut, caps: &Capabilities) -> Plan {
+    let offset0 = body.tsc_offsets.first().copied().unwrap_or(0);
+    // A flat placeholder line for the requests that set no line: apply
+    // needs one, and it is not used for them (see PutOps / one try).
+    let placeholder = Pvti {
+        tsc_timestamp: 0,
+        system_time: 0,
+        tsc_to_system_mul: 1 << 31,
+        tsc_shift: 0,
+        flags: 0,
+    };
+    let kvmclock = match body.kvmclock {
+        Some(KvmClockPut::FollowPvti(f)) => {
+            let pvti = Pvti {
+                tsc_timestamp: f.tsc_timestamp,
+                system_time: f.system_time,
+                tsc_to_system_mul: f.tsc_to_system_mul,
+                tsc_shift: f.tsc_shift,
+                flags: f.flags,
+            };
+            if caps.clock_guest {
+                KvmClockAction::ClockGuest { pvti }
+            } else {
+                let (host_tsc, realtime_ns) = realtime_pair();
+                let realtime = caps.adjust_clock & KVM_CLOCK_REALTIME != 0;
+                let aim = pvclock_read(&pvti, guest_tsc(host_tsc, None, offset0));
+                KvmClockAction::SetClock {
+                    clock_ns: aim,
+                    realtime_ns: if realtime { realtime_ns } else { 0 },
+                    flags: if realtime { KVM_CLOCK_REALTIME } else { 0 },
+                    pvti,
+                    max_error_ns: f.max_error_ns,
+                }
+            }
+        }
+        Some(KvmClockPut::SetClock(s)) => KvmClockAction::SetClock {
+            clock_ns: s.clock,
+            realtime_ns: s.realtime,
+            flags: s.flags,
+            pvti: placeholder,
+            max_error_ns: u64::MAX,
+        },
+        None => KvmClockAction::SetClock {
+            clock_ns: 0,
+            realtime_ns: 0,
+            flags: 0,
+            pvti: placeholder,
+            max_error_ns: u64::MAX,
+        },
+    };
+    Plan {
+        mode: PlanMode::SameHost,
+        policy: ClockPolicy::KeepRunning,
+        tsc_khz: body.tsc_khz,
+        tsc_offsets: body.tsc_offsets.clone(),
+        kvmclock,
+        pvti_source: PvtiSource::Derived,
+        elapsed_ns: 0,
+        tai_skew_ns: 0,
+        advance_cycles: 0,
+        floor_cycles: 0,
+        guest_tsc_at_capture: 0,
+        guest_tsc_target: 0,
+        destination_host_tsc: 0,
+        error_bound: ErrorBound::default(),
+        notes: Vec::new(),
+    }
+}
+
+/// The library's KVM ops, with kvm-clock left alone when the body says
+/// `"kvmclock": null`.
+struct PutOps<'a> {
+    inner: KvmOps<'a, &'a VcpuFd>,
+    leave_clock: bool,
+}
+
+impl ClockOps for PutOps<'_> {
+    fn vcpu_count(&self) -> usize {
+        self.inner.vcpu_count()
+    }
+    fn get_tsc_khz(&mut self, vcpu: usize) -> Result<u32, KvmError> {
+        self.inner.get_tsc_khz(vcpu)
+    }
+    fn set_tsc_khz(&mut self, vcpu: usize, khz: u32) -> Result<(), KvmError> {
+        self.inner.set_tsc_khz(vcpu, khz)
+    }
+    fn get_tsc_offset(&mut self, vcpu: usize) -> Result<i64, KvmError> {
+        self.inner.get_tsc_offset(vcpu)
+    }
+    fn set_tsc_offset(&mut self, vcpu: usize, offset_cycles: i64) -> Result<(), KvmError> {
+        self.inner.set_tsc_offset(vcpu, offset_cycles)
+    }
+    fn get_clock(&mut self) -> Result<KvmClockSample, KvmError> {
+        self.inner.get_clock()
+    }
+    fn set_clock(&mut self, clock_ns: u64, realtime_ns: u64, flags: u32) -> Result<(), KvmError> {
+        if self.leave_clock {
+            return Ok(());
+        }
+        self.inner.set_clock(clock_ns, realtime_ns, flags)
+    }
+    fn set_clock_guest(&mut self, vcpu: usize, pvti: &Pvti) -> Result<(), KvmError> {
+        self.inner.set_clock_guest(vcpu, pvti)
+    }
+    fn kvmclock_ctrl(&mut self, vcpu: usize) -> Result<(), KvmError> {
+        self.inner.kvmclock_ctrl(vcpu)
+    }
+}
+
+fn describe_apply_error(e: &ApplyError) -> String {
+    e.to_string()
+}
+
+/// PUT vm.clock: applies the body through the library. On success the VM
+/// will resume without the baseline's clock. On failure the library has put
+/// the previous offsets back.
+pub fn put(vm: &mut Vm, probed: &ProbedKvm, body: &ClockPut) -> Result<PutAnswer, ClockApiError> {
+    check_put(vm, body)?;
+    let plan = plan_for(body, &probed.caps);
+    let raw = !matches!(body.kvmclock, Some(KvmClockPut::FollowPvti(_)));
+    let options = ApplyOptions {
+        // The raw and null forms make one call (or none) and no correction.
+        max_set_clock_tries: if raw {
+            1
+        } else {
+            ApplyOptions::default().max_set_clock_tries
+        },
+        ..probed.apply_options()
+    };
+    let leave_clock = body.kvmclock.is_none();
+    let result = vm.with_vcpus(|fd, vcpus| {
+        let mut ops = PutOps {
+            inner: KvmOps::new(fd, vcpus),
+            leave_clock,
+        };
+        apply_with(&mut ops, &plan, &options)
+    });
+    let report = result.map_err(|e| match e {
+        ApplyError::VcpuCountMismatch { .. } | ApplyError::InvalidPlan { .. } => {
+            ClockApiError::BadRequest(describe_apply_error(&e))
+        }
+        ApplyError::Failed { .. } => ClockApiError::Failed(describe_apply_error(&e)),
+    })?;
+    vm.mark_clock_put();
+    let (method, error, tries) = match (&body.kvmclock, &report.kvmclock) {
+        (None, _) => ("none", None, 0),
+        (Some(KvmClockPut::SetClock(_)), o) => {
+            ("set_clock", None, o.as_ref().map_or(0, |o| o.tries))
+        }
+        (Some(KvmClockPut::FollowPvti(_)), Some(o)) => (o.method, o.error_ns, o.tries),
+        (Some(KvmClockPut::FollowPvti(_)), None) => ("none", None, 0),
+    };
+    Ok(PutAnswer {
+        kvmclock_request: match body.kvmclock {
+            Some(KvmClockPut::FollowPvti(_)) => "follow_pvti",
+            Some(KvmClockPut::SetClock(_)) => "set_clock",
+            None => "none",
+        },
+        kvmclock_method: method,
+        kvmclock_error_ns: error,
+        kvmclock_tries: tries,
+        tsc_khz_set: report.frequency_set_khz,
+        tsc_offsets_applied: body.tsc_offsets.clone(),
+        tsc_offsets_read_back: report.offsets_read_back.clone(),
+        tsc_offsets_effective: report.tsc_offsets_effective,
+        refused: report
+            .refused
+            .iter()
+            .map(|r| {
+                let vcpu = r.vcpu.map_or(String::new(), |v| format!(" on vCPU {v}"));
+                format!("{}{vcpu}: errno {}", r.ioctl, r.errno)
+            })
+            .collect(),
+        report,
+    })
+}
