@@ -15,6 +15,8 @@ pub mod api;
 pub mod host;
 #[cfg(all(feature = "kvm", target_os = "linux", target_arch = "x86_64"))]
 pub mod kvm;
+#[cfg(feature = "libvirt")]
+pub mod libvirt;
 pub mod model;
 pub mod plan;
 pub mod pvclock;

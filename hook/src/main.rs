@@ -47,16 +47,35 @@ fn invocation(argv0: Option<&OsString>) -> Invocation {
 
 fn main() -> ExitCode {
     let args: Vec<OsString> = std::env::args_os().collect();
+    // The hook's detached resync helper re-executes this binary from
+    // wherever it lives (a symlinked hook resolves to the real path).
+    if args
+        .get(1)
+        .is_some_and(|a| a == clockcarry::libvirt::RESYNC_ARG)
+    {
+        return libvirt_entry(&args);
+    }
     match invocation(args.first()) {
-        Invocation::LibvirtHook => {
-            // The libvirt hook entry (`clockcarry libvirt ...` and this
-            // argv[0] dispatch) is not implemented yet. A hook must never
-            // block libvirt: say so and let the operation proceed.
-            eprintln!("clockcarry: the libvirt hook entry is not implemented in this version");
-            ExitCode::SUCCESS
-        }
+        Invocation::LibvirtHook => libvirt_entry(&args),
         Invocation::Command => cli::run(args),
     }
+}
+
+/// The libvirt entry points (docs/libvirt.md): the resync helper when the
+/// first argument is the hidden [`clockcarry::libvirt::RESYNC_ARG`], else
+/// the hook (`NAME OP SUBOP EXTRA`, domain XML on stdin; never prints to
+/// stdout, exits 0 unless the command line is malformed).
+fn libvirt_entry(args: &[OsString]) -> ExitCode {
+    use clockcarry::libvirt;
+    let code = match args.get(1) {
+        Some(a) if a == libvirt::RESYNC_ARG => libvirt::resync_main(&args[2..]),
+        _ => libvirt::hook_main(
+            args.get(1..).unwrap_or_default(),
+            &mut std::io::stdin().lock(),
+            &libvirt::HookEnv::system(),
+        ),
+    };
+    ExitCode::from(u8::try_from(code).unwrap_or(1))
 }
 
 #[cfg(test)]

@@ -107,6 +107,14 @@ enum Command {
     Inspect(inspect::InspectArgs),
     Check(check::CheckArgs),
     BenchRestore(bench::BenchArgs),
+    /// The libvirt QEMU hook: install | uninstall | hook | resync (see docs/libvirt.md).
+    #[command(disable_help_flag = true)]
+    Libvirt {
+        /// `install [--hooks-dir DIR] [--symlink] [--force] [--config PATH]`,
+        /// `uninstall`, `hook NAME OP SUBOP EXTRA`, `help`.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true, num_args = 0..)]
+        args: Vec<OsString>,
+    },
 }
 
 /// How to reach the VMM.
@@ -285,6 +293,7 @@ pub fn run(args: Vec<OsString>) -> ExitCode {
         Command::Inspect(a) => inspect::run(&a),
         Command::Check(a) => check::run(&a),
         Command::BenchRestore(a) => bench::run(&a),
+        Command::Libvirt { args } => return libvirt_command(&args),
     };
     match result {
         Ok(exit) => exit.into(),
@@ -293,6 +302,12 @@ pub fn run(args: Vec<OsString>) -> ExitCode {
             err.exit.into()
         }
     }
+}
+
+/// `clockcarry libvirt ...`: the libvirt module parses its own words.
+fn libvirt_command(args: &[OsString]) -> ExitCode {
+    let code = clockcarry::libvirt::command_main(args);
+    ExitCode::from(u8::try_from(code).unwrap_or(1))
 }
 
 /// Prints a failure on stderr (always, with its hint on its own line) and
