@@ -17,6 +17,12 @@
 //!   at the exit - (guest TSC - offset)); each side is then the median.
 //!   Without offsets, each side is the maximum (the report that reached the
 //!   host fastest: a minimum-delay filter);
+//! - `tsc_error_bound_ns`: how far `tsc_error_ns` itself can be off (exact
+//!   read times only): each side's median report is placed on the TAI
+//!   timeline within half its stamp's (rdtsc, TAI, rdtsc) bracket, and the
+//!   host rate, measured between two narrow stamps, is uncertain by half
+//!   their widths over its span, which "kept running" extrapolates across
+//!   the blackout; plus 2 ns of rounding;
 //! - `monotonic`: neither the TSC nor kvm-clock ever decreased on any vCPU.
 
 use std::path::PathBuf;
@@ -44,6 +50,9 @@ pub struct VcpuAnalysis {
     pub disagreement_ns: i64,
     pub tsc_error_ns: Option<i64>,
     pub kvmclock_error_ns: Option<i64>,
+    /// Bound of the measurement error of `tsc_error_ns`, ns (`None` without
+    /// exact read times).
+    pub tsc_error_bound_ns: Option<u64>,
     pub monotonic: bool,
     /// PVTI before and after.
     pub pvti_before: Pvti,
@@ -61,6 +70,8 @@ pub struct Analysis {
     pub disagreement_ns: i64,
     pub tsc_error_ns: Option<i64>,
     pub kvmclock_error_ns: Option<i64>,
+    /// The largest measurement bound over the vCPUs (`None` if a vCPU has none).
+    pub tsc_error_bound_ns: Option<u64>,
     pub monotonic: bool,
 }
 
@@ -163,18 +174,31 @@ fn best_offset(side: &[Point], value: impl Fn(&Point) -> i128) -> Option<i128> {
 /// Widest stamp bracket trusted for the rate, cycles (~1 us).
 const MAX_RATE_STAMP_WIDTH: u64 = 3000;
 
-/// The host TSC rate against TAI over the whole log, as (cycles, ns) from
-/// the first and last narrow exit stamps (one host: the stamps' own pairs).
-fn host_rate(ps: &[Point]) -> Option<(i128, i128)> {
-    let mut stamped = ps
-        .iter()
-        .filter(|p| p.stamp_width.is_some_and(|w| w <= MAX_RATE_STAMP_WIDTH))
-        .filter_map(|p| Some((p.host_tsc?, p.tai?)));
+/// The host TSC rate against TAI over a whole log: `dh` cycles in `dt` ns,
+/// between two exit stamps whose widths add up to `widths` cycles.
+#[derive(Debug, Clone, Copy)]
+struct Rate {
+    dh: i128,
+    dt: i128,
+    widths: u64,
+}
+
+/// The host rate from the first and last narrow exit stamps (one host: the
+/// stamps' own pairs).
+fn host_rate(ps: &[Point]) -> Option<Rate> {
+    let mut stamped = ps.iter().filter_map(|p| {
+        let w = p.stamp_width.filter(|&w| w <= MAX_RATE_STAMP_WIDTH)?;
+        Some((p.host_tsc?, p.tai?, w))
+    });
     let first = stamped.next()?;
     let last = stamped.next_back()?;
     let dh = i128::from(last.0) - i128::from(first.0);
     let dt = i128::from(last.1) - i128::from(first.1);
-    (dt >= 100_000_000 && dh > 0).then_some((dh, dt))
+    (dt >= 100_000_000 && dh > 0).then_some(Rate {
+        dh,
+        dt,
+        widths: first.2 + last.2,
+    })
 }
 
 fn median(mut v: Vec<i128>) -> Option<i128> {
@@ -182,26 +206,70 @@ fn median(mut v: Vec<i128>) -> Option<i128> {
     v.get(v.len() / 2).copied()
 }
 
+/// The median of `(value, stamp width, TAI)` by value, with its report's
+/// stamp width and TAI.
+fn median_with(mut v: Vec<(i128, Option<u64>, i128)>) -> Option<(i128, Option<u64>, i128)> {
+    v.sort_unstable_by_key(|x| x.0);
+    v.get(v.len() / 2).copied()
+}
+
+/// Fewest reports with an exact read time a side of the blackout needs.
+const MIN_EXACT: usize = 16;
+
+/// `v` if it holds at least [`MIN_EXACT`] values. Reports without an exact
+/// read time (an exit more than 10 ms after the guest's read: its thread was
+/// descheduled) are left out of the medians; the others stay exact.
+fn exact_only<T>(v: Vec<T>) -> Option<Vec<T>> {
+    (v.len() >= MIN_EXACT).then_some(v)
+}
+
+/// `ceil(a / b)` for a >= 0, b > 0.
+fn ceil_div(a: i128, b: i128) -> i128 {
+    (a + b - 1) / b
+}
+
+/// What [`exact_errors`] found, ns.
+struct Exact {
+    tsc_error: i64,
+    kvmclock_error: i64,
+    /// Bound of the measurement error of `tsc_error` (`None`: a median
+    /// report has no stamp width).
+    tsc_bound: Option<u64>,
+}
+
 /// (TSC error, kvm-clock error) in ns with exact read times: "kept
 /// running" is the TSC continuing at the host's measured rate against TAI
 /// from where it was (the pre-blackout median), and kvm-clock continuing on
 /// the old line at that TSC.
-fn exact_errors(
-    pre: &[Point],
-    post: &[Point],
-    line: &Pvti,
-    rate: (i128, i128),
-) -> Option<(i64, i64)> {
-    let (dh, dt) = rate;
+fn exact_errors(pre: &[Point], post: &[Point], line: &Pvti, rate: Rate) -> Option<Exact> {
+    let Rate { dh, dt, widths } = rate;
     // tsc * dt - tai * dh: (TSC in ns at the host rate - TAI) times dh.
-    let res = |p: &Point| Some(i128::from(p.tsc) * dt - p.tai_read? * dh);
-    let pre_res = median(pre.iter().map(res).collect::<Option<Vec<_>>>()?)?;
-    let post_res = median(post.iter().map(res).collect::<Option<Vec<_>>>()?)?;
+    let res = |p: &Point| {
+        let tai = p.tai_read?;
+        Some((i128::from(p.tsc) * dt - tai * dh, p.stamp_width, tai))
+    };
+    let (pre_res, pre_w, pre_tai) = median_with(exact_only(pre.iter().filter_map(res).collect())?)?;
+    let (post_res, post_w, post_tai) =
+        median_with(exact_only(post.iter().filter_map(res).collect())?)?;
+    // Each median report's TAI is right within half its bracket (cycles at
+    // the host rate, dt/dh ns per cycle); the rate within half the widths
+    // of the two stamps it comes from, over dh cycles, extrapolated over
+    // the TAI between the two medians.
+    let tsc_bound = pre_w.zip(post_w).and_then(|(a, b)| {
+        let stamps = ceil_div(i128::from(a + b) * dt, 2 * dh);
+        let span = (post_tai - pre_tai).abs();
+        let rate = ceil_div(i128::from(widths) * span, 2 * dh);
+        u64::try_from(stamps + rate + 2).ok()
+    });
     let ideal_tsc = |p: &Point| u64::try_from((pre_res + p.tai_read? * dh) / dt).ok();
     let kres = |p: &Point| Some(p.kvmclock - line_at(line, ideal_tsc(p)?));
-    let kc_pre = median(pre.iter().map(kres).collect::<Option<Vec<_>>>()?)?;
-    let kc_post = median(post.iter().map(kres).collect::<Option<Vec<_>>>()?)?;
-    Some((sat((post_res - pre_res) / dh), sat(kc_post - kc_pre)))
+    let kc_pre = median(exact_only(pre.iter().filter_map(kres).collect())?)?;
+    let kc_post = median(exact_only(post.iter().filter_map(kres).collect())?)?;
+    Some(Exact {
+        tsc_error: sat((post_res - pre_res) / dh),
+        kvmclock_error: sat(kc_post - kc_pre),
+        tsc_bound,
+    })
 }
 
 fn analyse_vcpu(vcpu: u32, mut ps: Vec<Point>) -> Option<VcpuAnalysis> {
@@ -216,17 +284,19 @@ fn analyse_vcpu(vcpu: u32, mut ps: Vec<Point>) -> Option<VcpuAnalysis> {
     let line = a.pvti;
     let pre = &ps[split.saturating_sub(WINDOW)..split];
     let post = &ps[split..(split + WINDOW).min(ps.len())];
-    let (tsc_err, kc_err) = match host_rate(&ps).and_then(|r| exact_errors(pre, post, &line, r)) {
-        Some((t, k)) => (Some(t), Some(k)),
-        None => (
-            best_offset(post, |p| line_at(&line, p.tsc))
-                .zip(best_offset(pre, |p| line_at(&line, p.tsc)))
-                .map(|(after, before)| sat(after - before)),
-            best_offset(post, |p| p.kvmclock)
-                .zip(best_offset(pre, |p| p.kvmclock))
-                .map(|(after, before)| sat(after - before)),
-        ),
-    };
+    let (tsc_err, kc_err, tsc_bound) =
+        match host_rate(&ps).and_then(|r| exact_errors(pre, post, &line, r)) {
+            Some(e) => (Some(e.tsc_error), Some(e.kvmclock_error), e.tsc_bound),
+            None => (
+                best_offset(post, |p| line_at(&line, p.tsc))
+                    .zip(best_offset(pre, |p| line_at(&line, p.tsc)))
+                    .map(|(after, before)| sat(after - before)),
+                best_offset(post, |p| p.kvmclock)
+                    .zip(best_offset(pre, |p| p.kvmclock))
+                    .map(|(after, before)| sat(after - before)),
+                None,
+            ),
+        };
     Some(VcpuAnalysis {
         vcpu,
         reports: ps.len(),
@@ -241,6 +311,7 @@ fn analyse_vcpu(vcpu: u32, mut ps: Vec<Point>) -> Option<VcpuAnalysis> {
         disagreement_ns: sat(line_at(&b.pvti, b.tsc) - line_at(&line, b.tsc)),
         tsc_error_ns: tsc_err,
         kvmclock_error_ns: kc_err,
+        tsc_error_bound_ns: tsc_bound,
         monotonic,
         pvti_before: a.pvti,
         pvti_after: b.pvti,
@@ -274,6 +345,11 @@ pub fn analyse(reports: &[LoggedReport]) -> Option<Analysis> {
         disagreement_ns: worst(vcpus.iter().map(|v| Some(v.disagreement_ns))).unwrap_or(0),
         tsc_error_ns: worst(vcpus.iter().map(|v| v.tsc_error_ns)),
         kvmclock_error_ns: worst(vcpus.iter().map(|v| v.kvmclock_error_ns)),
+        tsc_error_bound_ns: vcpus
+            .iter()
+            .map(|v| v.tsc_error_bound_ns)
+            .collect::<Option<Vec<u64>>>()
+            .and_then(|b| b.into_iter().max()),
         monotonic: vcpus.iter().all(|v| v.monotonic),
         vcpus,
     })
@@ -305,10 +381,10 @@ pub fn run_cli(json: bool, logs: &[PathBuf]) -> i32 {
         return 0;
     }
     let opt = |v: Option<i64>| v.map_or("-".to_string(), |v| v.to_string());
-    println!("vcpu  reports  blackout_ns  tsc_jump_ns  kvmclock_jump_ns  disagreement_ns  tsc_error_ns  kvmclock_error_ns  monotonic");
+    println!("vcpu  reports  blackout_ns  tsc_jump_ns  kvmclock_jump_ns  disagreement_ns  tsc_error_ns  tsc_error_bound_ns  kvmclock_error_ns  monotonic");
     for v in &a.vcpus {
         println!(
-            "{:>4}  {:>7}  {:>11}  {:>11}  {:>16}  {:>15}  {:>12}  {:>17}  {}",
+            "{:>4}  {:>7}  {:>11}  {:>11}  {:>16}  {:>15}  {:>12}  {:>18}  {:>17}  {}",
             v.vcpu,
             v.reports,
             opt(v.blackout_ns),
@@ -316,6 +392,8 @@ pub fn run_cli(json: bool, logs: &[PathBuf]) -> i32 {
             v.kvmclock_jump_ns,
             v.disagreement_ns,
             opt(v.tsc_error_ns),
+            v.tsc_error_bound_ns
+                .map_or("-".to_string(), |b| b.to_string()),
             opt(v.kvmclock_error_ns),
             v.monotonic
         );
@@ -397,6 +475,52 @@ mod tests {
         let a = analyse(&run(0, true)).expect("analysis");
         assert!(a.tsc_error_ns.expect("stamped") < -999_000_000);
         assert!(!a.monotonic || a.tsc_jump_ns >= 0);
+    }
+
+    /// Stamped reports as the reference VMM logs them: host TSC at 2 GHz
+    /// against TAI, the guest's read `latency` cycles before the exit stamp,
+    /// 40 reports 1 ms apart, a 1 s blackout, 40 more. After it the offset
+    /// is `offset + step` cycles.
+    fn stamped(step: i64, slow_exit: bool) -> Vec<LoggedReport> {
+        let (t0, h0, offset) = (1_000_000_000_000u64, 5_000_000_000u64, 7_000_000_000i64);
+        let mut out = Vec::new();
+        let mut push = |vm: &str, tai: u64, off: i64, latency: u64| {
+            let host_exit = h0 + 2 * (tai - t0);
+            let tsc = (host_exit - latency).wrapping_add(off as u64);
+            let mut l = report(vm, tsc, pvti(0, 0), tai);
+            l.host_tsc = Some(host_exit);
+            l.tsc_offset = Some(off);
+            l.stamp_width = Some(100);
+            out.push(l);
+        };
+        for i in 0..40u64 {
+            push("src", t0 + i * 1_000_000, offset, 200);
+        }
+        let after = t0 + 39 * 1_000_000 + 1_000_000_000;
+        for i in 0..40u64 {
+            // One exit 30 ms after the guest's read (a descheduled thread):
+            // no exact read time; it must be left out, not spoil the side.
+            let latency = if slow_exit && i == 5 { 60_000_000 } else { 200 };
+            push("dst", after + i * 1_000_000, offset + step, latency);
+        }
+        out
+    }
+
+    #[test]
+    fn exact_read_times_give_exact_errors_and_a_bound() {
+        let a = analyse(&stamped(0, true)).expect("analysis");
+        assert_eq!(a.tsc_error_ns, Some(0));
+        assert_eq!(a.kvmclock_error_ns, Some(0));
+        // Half of two 100-cycle stamps at 2 GHz (50 ns) + the rate, from two
+        // 100-cycle stamps over 1.078 s, across the 1.04 s between the
+        // medians (~49 ns) + 2 ns of rounding.
+        let bound = a.tsc_error_bound_ns.expect("bound");
+        assert!((95..=110).contains(&bound), "{bound}");
+        // A TSC frozen over the blackout (the offset moved back by it).
+        let a = analyse(&stamped(-2_000_000_000, false)).expect("analysis");
+        assert_eq!(a.tsc_error_ns, Some(-1_000_000_000));
+        // Unstamped logs have no bound.
+        assert_eq!(analyse(&run(0, false)).expect("a").tsc_error_bound_ns, None);
     }
 
     #[test]

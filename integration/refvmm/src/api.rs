@@ -11,6 +11,9 @@
 //! | no VM for vm.info / vm.clock | 404 `["Error from API", ..., "VM is not created"]` |
 //! | wrong state, failed action | 500 `["Error from API", ...]` |
 //! | vm.clock body that cannot be applied (offset count, zero rate) | 400 `["Error from API", ...]` |
+//!
+//! The `vm.clock` PUT body is the library's `clockcarry::vmclock_api::ClockPut`
+//! ([`parse_clock_put`], [`check_clock_put`]).
 
 use std::path::Path;
 use std::thread::JoinHandle;
@@ -60,9 +63,11 @@ struct ReceiveBody {
 }
 
 /// A failed API call: its status and error chain.
-struct ApiFailure {
-    status: u16,
-    chain: Vec<String>,
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiFailure {
+    pub status: u16,
+    /// Cloud Hypervisor's error chain, outermost message first.
+    pub chain: Vec<String>,
 }
 
 impl ApiFailure {
@@ -80,8 +85,34 @@ impl ApiFailure {
         }
     }
 
-    fn response(self) -> Response {
+    /// The HTTP answer: the status and the chain as a JSON array of strings.
+    pub fn response(self) -> Response {
         Response::error(self.status, &self.chain)
+    }
+}
+
+/// The action named in `vm.clock` PUT errors, as Cloud Hypervisor would.
+pub const CLOCK_PUT_ACTION: &str = "The VM clock could not be set";
+
+/// Reads a `PUT vm.clock` body as the API does (no VM or /dev/kvm needed):
+/// the library's [`ClockPut`], strictly. No body: 400 `["Bad Request"]`;
+/// malformed JSON, an unknown field at any level, a wrong type, two
+/// `kvmclock` forms: 400 `["Failed to deserialize JSON", detail]`.
+pub fn parse_clock_put(body: &Option<Vec<u8>>) -> Result<ClockPut, ApiFailure> {
+    parse_body(body)
+}
+
+/// The checks of a parsed `PUT vm.clock` body against a VM of `vcpus`
+/// vCPUs, answered as the API does: 400 `["Error from API", CLOCK_PUT_ACTION,
+/// reason]` (the API runs them after the state checks, which answer 500).
+pub fn check_clock_put(body: &ClockPut, vcpus: u32) -> Result<(), ApiFailure> {
+    clockapi::check_body(body, vcpus).map_err(clock_failure)
+}
+
+fn clock_failure(e: ClockApiError) -> ApiFailure {
+    match e {
+        ClockApiError::BadRequest(m) => ApiFailure::api(400, CLOCK_PUT_ACTION, m),
+        e => ApiFailure::api(500, CLOCK_PUT_ACTION, e),
     }
 }
 
@@ -237,7 +268,7 @@ impl Vmm {
             ("/vm.send-migration", false) => parse_body(&req.body).and_then(|b| self.send(b)),
             ("/vm.receive-migration", false) => parse_body(&req.body).and_then(|b| self.receive(b)),
             ("/vm.clock", true) => self.clock_get(),
-            ("/vm.clock", false) => parse_body(&req.body).and_then(|b| self.clock_put(&b)),
+            ("/vm.clock", false) => parse_clock_put(&req.body).and_then(|b| self.clock_put(&b)),
             (
                 "/vmm.ping"
                 | "/vmm.shutdown"
@@ -444,21 +475,15 @@ impl Vmm {
     }
 
     fn clock_put(&mut self, body: &ClockPut) -> ApiResult {
-        let action = "The VM clock could not be set";
+        let action = CLOCK_PUT_ACTION;
         self.vm_or_404(action)?;
         let probed = self.probed().cloned();
         let (Owner::Owned(vm), Some(probed)) = (&mut self.owner, probed) else {
             return Err(ApiFailure::api(500, action, "VM is not running"));
         };
-        match clockapi::put(vm, &probed, body) {
-            Ok(answer) => {
-                let json =
-                    serde_json::to_string(&answer).map_err(|e| ApiFailure::api(500, action, e))?;
-                Ok(Response::json(200, json))
-            }
-            Err(ClockApiError::BadRequest(m)) => Err(ApiFailure::api(400, action, m)),
-            Err(e) => Err(ApiFailure::api(500, action, e)),
-        }
+        let reply = clockapi::put(vm, &probed, body).map_err(clock_failure)?;
+        let json = serde_json::to_string(&reply).map_err(|e| ApiFailure::api(500, action, e))?;
+        Ok(Response::json(200, json))
     }
 }
 

@@ -41,7 +41,12 @@ OPTIONS:
     --report-interval-us N   host pause between reports of a vCPU (default 500)
     --migration-delay-ms N   test knob: an outgoing migration waits N ms between
                              pausing the source and sending (a slow link)
+    --boot-tsc-s N           with --kernel: start every vCPU's TSC at N seconds
+                             of its rate (a VM up for a while; default 0)
 ";
+
+/// Largest `--boot-tsc-s`: ten years.
+const MAX_BOOT_TSC_S: u64 = 10 * 365 * 86_400;
 
 /// What `main` should do.
 #[derive(Debug)]
@@ -128,9 +133,16 @@ pub fn parse(args: Vec<String>) -> Result<Command, String> {
                 let ms: u64 = number(&value(&mut it, &a)?, &a)?;
                 options.migration_delay = Duration::from_millis(ms);
             }
+            "--boot-tsc-s" => options.boot_tsc_s = number(&value(&mut it, &a)?, &a)?,
             "-h" | "--help" => return Ok(Command::Help),
             other => return Err(format!("unknown argument {other:?} (see --help)")),
         }
+    }
+    if options.boot_tsc_s > MAX_BOOT_TSC_S {
+        return Err(format!(
+            "--boot-tsc-s {}: at most {MAX_BOOT_TSC_S} (ten years)",
+            options.boot_tsc_s
+        ));
     }
     if cpus == 0 || cpus > MAX_VCPUS {
         return Err(format!("--cpus {cpus}: 1 to {MAX_VCPUS}"));

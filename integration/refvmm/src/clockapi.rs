@@ -9,6 +9,13 @@
 //!             | {"set_clock": {"clock", "realtime", "flags"}} | null }
 //! ```
 //!
+//! The body's types are the library's own (`clockcarry::vmclock_api`:
+//! [`ClockPut`], [`KvmClockPut`], [`FollowPvti`], [`SetClockPut`]), the same
+//! ones the `clockcarry` client serialises, unknown fields refused. The
+//! answer ([`PutReply`]) carries the members the client's
+//! `vmclock_api::PutAnswer` reads: `kvmclock_error_ns`, `kvmclock_method`,
+//! `tsc_offsets_effective`, `refused`.
+//!
 //! Applied by the library in the order frequency -> offsets -> clock ->
 //! KVMCLOCK_CTRL, with rollback of the offsets on failure. `follow_pvti`
 //! becomes KVM_SET_CLOCK_GUEST where the kernel has it, else a KVM_SET_CLOCK
@@ -26,51 +33,16 @@ use clockcarry::plan::{ErrorBound, KvmClockAction, Plan, PlanMode};
 use clockcarry::pvclock::{guest_tsc, pvclock_read};
 use clockcarry::{host, ClockPolicy, PvtiSource};
 use kvm_ioctls::{Kvm, VcpuFd};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
+
+pub use clockcarry::vmclock_api::{ClockPut, FollowPvti, KvmClockPut, SetClockPut};
 
 use crate::vm::{Vm, VmState};
 
-/// `kvmclock.follow_pvti` of the PUT body.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct FollowPvti {
-    pub tsc_timestamp: u64,
-    pub system_time: u64,
-    pub tsc_to_system_mul: u32,
-    pub tsc_shift: i8,
-    pub flags: u8,
-    pub max_error_ns: u64,
-}
-
-/// `kvmclock.set_clock` of the PUT body (KVM_SET_CLOCK as is).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct SetClock {
-    pub clock: u64,
-    pub realtime: u64,
-    pub flags: u32,
-}
-
-/// `kvmclock` of the PUT body.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case", deny_unknown_fields)]
-pub enum KvmClockPut {
-    FollowPvti(FollowPvti),
-    SetClock(SetClock),
-}
-
-/// The PUT body.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ClockPut {
-    pub tsc_khz: Option<u32>,
-    pub tsc_offsets: Vec<i64>,
-    pub kvmclock: Option<KvmClockPut>,
-}
-
-/// The answer to a successful PUT.
+/// The answer to a successful PUT (the body of the 200; the client sees it
+/// as `clockcarry::vmclock_api::PutAnswer::body`).
 #[derive(Debug, Clone, Serialize)]
-pub struct PutAnswer {
+pub struct PutReply {
     /// What was asked and done: `follow_pvti`, `set_clock` or `none`.
     pub kvmclock_request: &'static str,
     /// How kvm-clock was set: `clock_guest`, `set_clock` or `none`.
@@ -149,7 +121,8 @@ pub fn get(vm: &Vm, probed: &ProbedKvm) -> Result<VmClock, ClockApiError> {
         .map_err(|e| ClockApiError::Failed(format!("capture: {e}")))
 }
 
-/// Checks a PUT against the VM before anything is touched.
+/// Checks a PUT against the VM before anything is touched: its state, then
+/// the body ([`check_body`]).
 pub fn check_put(vm: &Vm, body: &ClockPut) -> Result<(), ClockApiError> {
     if vm.state() != VmState::Paused {
         return Err(ClockApiError::WrongState(
@@ -163,7 +136,14 @@ pub fn check_put(vm: &Vm, body: &ClockPut) -> Result<(), ClockApiError> {
                 .into(),
         ));
     }
-    let n = usize::try_from(vm.config().vcpus).unwrap_or(0);
+    check_body(body, vm.config().vcpus)
+}
+
+/// The checks on a PUT body that need only the VM's vCPU count (400 when
+/// they fail): one offset per vCPU, a non-zero rate, a non-zero multiplier,
+/// `set_clock` flags 0 or KVM_CLOCK_REALTIME.
+pub fn check_body(body: &ClockPut, vcpus: u32) -> Result<(), ClockApiError> {
+    let n = usize::try_from(vcpus).unwrap_or(0);
     if body.tsc_offsets.len() != n {
         return Err(ClockApiError::BadRequest(format!(
             "tsc_offsets has {} entries, the VM has {n} vCPUs",
@@ -216,13 +196,7 @@ fn plan_for(body: &ClockPut, caps: &Capabilities) -> Plan {
     };
     let kvmclock = match body.kvmclock {
         Some(KvmClockPut::FollowPvti(f)) => {
-            let pvti = Pvti {
-                tsc_timestamp: f.tsc_timestamp,
-                system_time: f.system_time,
-                tsc_to_system_mul: f.tsc_to_system_mul,
-                tsc_shift: f.tsc_shift,
-                flags: f.flags,
-            };
+            let pvti = f.pvti();
             if caps.clock_guest {
                 KvmClockAction::ClockGuest { pvti }
             } else {
@@ -319,7 +293,7 @@ fn describe_apply_error(e: &ApplyError) -> String {
 /// PUT vm.clock: applies the body through the library. On success the VM
 /// will resume without the baseline's clock. On failure the library has put
 /// the previous offsets back.
-pub fn put(vm: &mut Vm, probed: &ProbedKvm, body: &ClockPut) -> Result<PutAnswer, ClockApiError> {
+pub fn put(vm: &mut Vm, probed: &ProbedKvm, body: &ClockPut) -> Result<PutReply, ClockApiError> {
     check_put(vm, body)?;
     let plan = plan_for(body, &probed.caps);
     let raw = !matches!(body.kvmclock, Some(KvmClockPut::FollowPvti(_)));
@@ -355,7 +329,7 @@ pub fn put(vm: &mut Vm, probed: &ProbedKvm, body: &ClockPut) -> Result<PutAnswer
         (Some(KvmClockPut::FollowPvti(_)), Some(o)) => (o.method, o.error_ns, o.tries),
         (Some(KvmClockPut::FollowPvti(_)), None) => ("none", None, 0),
     };
-    Ok(PutAnswer {
+    Ok(PutReply {
         kvmclock_request: match body.kvmclock {
             Some(KvmClockPut::FollowPvti(_)) => "follow_pvti",
             Some(KvmClockPut::SetClock(_)) => "set_clock",

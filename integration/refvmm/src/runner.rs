@@ -218,6 +218,11 @@ fn vcpu_thread(index: usize, fd: &Mutex<VcpuFd>, control: &RunControl, io: &IoCo
                 }
             }
             if c.park && !c.exit {
+                drop(c);
+                complete_pending_exit(fd);
+                c = lock(&control.ctl);
+            }
+            if c.park && !c.exit {
                 c.parked += 1;
                 control.cv.notify_all();
                 while c.park && !c.exit {
@@ -257,6 +262,21 @@ fn vcpu_thread(index: usize, fd: &Mutex<VcpuFd>, control: &RunControl, io: &IoCo
             }
         }
     }
+}
+
+/// Finishes the exit the vCPU is still inside before it parks, as Cloud
+/// Hypervisor does before a pause: after a port I/O exit KVM completes the
+/// instruction (an `in`'s value into RAX, RIP past it) only on the next
+/// KVM_RUN. KVM_RUN with `immediate_exit` set does just that and returns
+/// EINTR without entering the guest (no clock is touched). Without it a
+/// snapshot would save RIP on the `out` of the probe's last report and the
+/// restored guest would execute it again (kernels that advance RIP at the
+/// exit, like this project's kvm_pvm, show no difference).
+fn complete_pending_exit(fd: &Mutex<VcpuFd>) {
+    let mut vcpu = fd.lock().unwrap_or_else(|p| p.into_inner());
+    vcpu.set_kvm_immediate_exit(1);
+    let _ = vcpu.run();
+    vcpu.set_kvm_immediate_exit(0);
 }
 
 fn le_u32(data: &[u8]) -> u32 {

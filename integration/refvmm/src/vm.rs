@@ -41,6 +41,10 @@ pub struct VmOptions {
     /// Test knob: an outgoing migration waits this long between pausing the
     /// source and sending its state (a slow link; the demo's blackout).
     pub migration_delay: Duration,
+    /// At boot, set every vCPU's TSC to this many seconds of its rate before
+    /// it first runs (one offset for all): a VM that has been up a while.
+    /// 0 leaves KVM's fresh TSC (near 0).
+    pub boot_tsc_s: u64,
 }
 
 impl Default for VmOptions {
@@ -54,6 +58,7 @@ impl Default for VmOptions {
             text_mode: false,
             report_interval: Duration::from_micros(500),
             migration_delay: Duration::ZERO,
+            boot_tsc_s: 0,
         }
     }
 }
@@ -178,6 +183,27 @@ fn create(kvm: &Kvm, ram: &GuestRam, vcpus: u32) -> Result<Parts, VmError> {
     })
 }
 
+/// Sets every vCPU (back to back, one offset) so its TSC reads `seconds`
+/// of its rate now (`--boot-tsc-s`). Without it a fresh VM's TSC starts near
+/// 0, and KVM (6.1 at least) treats a host-initiated MSR_IA32_TSC write
+/// that lands within 1 s of the TSC it expects as a "synchronisation" and
+/// ignores its value: a stock restore of a VM snapshotted less than a
+/// second after boot would show that heuristic instead of the TSC freeze
+/// every VM that has been up longer gets. Where offsets are inert (kvm_pvm)
+/// the writes change nothing.
+fn age_tsc(fds: &[VcpuFd], seconds: u64) -> Result<(), VmError> {
+    let Some(first) = fds.first() else {
+        return Ok(());
+    };
+    let khz = clockcarry::kvm::sys::vcpu_get_tsc_khz(first)?;
+    let target = clockcarry::pvclock::ns_to_cycles(seconds.saturating_mul(1_000_000_000), khz);
+    let offset = target.wrapping_sub(clockcarry::host::read_host_tsc()) as i64;
+    for (i, fd) in fds.iter().enumerate() {
+        clockcarry::kvm::sys::set_tsc_offset(fd, offset).map_err(|e| e.on_vcpu(i))?;
+    }
+    Ok(())
+}
+
 impl Vm {
     fn assemble(
         parts: Parts,
@@ -239,6 +265,9 @@ impl Vm {
         let parts = create(kvm, &ram, config.vcpus)?;
         for (i, fd) in parts.fds.iter().enumerate() {
             cpu::set_boot_registers(fd, u32::try_from(i).unwrap_or(0), image.entry)?;
+        }
+        if opts.boot_tsc_s > 0 {
+            age_tsc(&parts.fds, opts.boot_tsc_s)?;
         }
         let vm = Vm::assemble(parts, ram, config, opts, VmState::Running)?;
         vm.runner.unpark();

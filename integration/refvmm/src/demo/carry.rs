@@ -1,39 +1,118 @@
 //! clockcarry's two moments in the demo: capture before the pause, restore
-//! before the resume. In-process through the library (GET vm.clock ->
-//! sidecar -> plan -> PUT vm.clock), or through the `clockcarry` binary
-//! (`--clockcarry-bin`).
+//! before the resume. By default through the `clockcarry` command (the
+//! binary next to the demo's own, or `--clockcarry-bin PATH`): `clockcarry
+//! capture` and `clockcarry restore --json`, each its own process, exactly
+//! what an operator runs. With `--in-process` the demo does the same through
+//! the library (GET vm.clock -> sidecar -> plan -> PUT vm.clock) instead.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Stdio};
 
 use clockcarry::host;
 use clockcarry::model::{Policy, VmClock};
-use clockcarry::plan::{plan, Destination};
+use clockcarry::plan::{plan, Destination, PlanMode};
 use clockcarry::sidecar::{Sidecar, SidecarBody};
+use serde_json::Value;
 
+use super::progress;
 use super::vmmproc::{DemoError, VmmProcess};
-use crate::clockapi::{ClockPut, FollowPvti, KvmClockPut};
+use clockcarry::vmclock_api::{parse_vm_clock, ClockPut};
 
 /// VM id written into the demo's sidecars.
 pub const VM_ID: &str = "clockcarry-demo";
 
+/// Name of the `clockcarry` binary looked for next to the demo's own.
+pub const BINARY_NAME: &str = "clockcarry";
+
 /// How clockcarry is invoked.
 #[derive(Debug, Clone)]
 pub enum Carry {
+    /// The library, inside the demo process (`--in-process`).
     InProcess,
+    /// The `clockcarry` command at this path.
     Binary(PathBuf),
+}
+
+/// What a clockcarry restore reported.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RestoreOutcome {
+    /// `same-host` or `cross-host`.
+    pub plan_mode: Option<String>,
+    /// The plan's error bound on the guest TSC (`summary.error_bound.total_ns`):
+    /// both (TSC, TAI) brackets, both hosts' clock errors and the rate
+    /// uncertainty over the elapsed time; 0 for a same-host plan, which
+    /// copies the offsets.
+    pub plan_bound_ns: Option<u64>,
+    /// The kvm-clock error the VMM reported for its PUT.
+    pub put_kvmclock_error_ns: Option<i64>,
+    /// Start of the restore to the PUT's answer: what it adds to the
+    /// blackout (`timings.to_put_answered_ns` of the command).
+    pub restore_ns: Option<u64>,
+}
+
+impl Carry {
+    /// The `clockcarry` binary next to `exe` (target/<profile>/ for the
+    /// demo built by cargo), if it is there.
+    pub fn next_to(exe: &Path) -> Option<PathBuf> {
+        let bin = exe.parent()?.join(BINARY_NAME);
+        bin.is_file().then_some(bin)
+    }
+
+    /// One line saying which clockcarry the clockcarry rows run.
+    pub fn describe(&self) -> String {
+        match self {
+            Carry::Binary(bin) => {
+                let version = Command::new(bin)
+                    .arg("--version")
+                    .output()
+                    .ok()
+                    .filter(|o| o.status.success())
+                    .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+                    .filter(|v| !v.is_empty())
+                    .unwrap_or_else(|| "version unknown".into());
+                format!(
+                    "the clockcarry command {} ({version}): `clockcarry capture` and \
+                     `clockcarry restore`, each its own process",
+                    bin.display()
+                )
+            }
+            Carry::InProcess => {
+                "the clockcarry library inside the demo process (--in-process), not the \
+                 clockcarry command"
+                    .into()
+            }
+        }
+    }
+
+    /// The row's `clockcarry` field: the binary's path, or `in-process`.
+    pub fn label(&self) -> String {
+        match self {
+            Carry::Binary(bin) => bin.display().to_string(),
+            Carry::InProcess => "in-process".into(),
+        }
+    }
 }
 
 fn get_clock(vmm: &VmmProcess) -> Result<VmClock, DemoError> {
     let body = vmm.ok("GET", "vm.clock", None)?;
-    serde_json::from_str(&body).map_err(|e| format!("{}: GET vm.clock answer: {e}", vmm.name))
+    parse_vm_clock(body.as_bytes()).map_err(|e| format!("{}: GET vm.clock answer: {e}", vmm.name))
 }
 
 fn run_bin(bin: &Path, args: &[&str]) -> Result<String, DemoError> {
-    let out = Command::new(bin)
+    // Logs on stderr (kept for the error message), never to syslog.
+    let child = Command::new(bin)
+        .args(["--log-target", "stderr"])
         .args(args)
-        .output()
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
         .map_err(|e| format!("{}: {e}", bin.display()))?;
+    let pid = child.id();
+    progress::add_child(pid);
+    let out = child.wait_with_output();
+    progress::remove_child(pid);
+    let out = out.map_err(|e| format!("{}: {e}", bin.display()))?;
     if !out.status.success() {
         return Err(format!(
             "{} {}: {} {}",
@@ -83,15 +162,28 @@ impl Carry {
     }
 
     /// Plans from `sidecar` and PUTs the result into the (paused, restored)
-    /// VM. Returns the kvm-clock error the VMM reported, if any.
-    pub fn restore(&self, vmm: &VmmProcess, sidecar: &Path) -> Result<Option<i64>, DemoError> {
+    /// VM.
+    pub fn restore(&self, vmm: &VmmProcess, sidecar: &Path) -> Result<RestoreOutcome, DemoError> {
         match self {
             Carry::Binary(bin) => {
                 let socket = vmm.socket.display().to_string();
                 let input = sidecar.display().to_string();
-                run_bin(bin, &["restore", "--api-socket", &socket, "-i", &input]).map(|_| None)
+                let out = run_bin(
+                    bin,
+                    &["restore", "--api-socket", &socket, "-i", &input, "--json"],
+                )?;
+                let report: Value = serde_json::from_str(&out)
+                    .map_err(|e| format!("clockcarry restore --json: {e}"))?;
+                let at = |path: &str| report.pointer(path).cloned().unwrap_or(Value::Null);
+                Ok(RestoreOutcome {
+                    plan_mode: at("/summary/mode").as_str().map(str::to_string),
+                    plan_bound_ns: at("/summary/error_bound/total_ns").as_u64(),
+                    put_kvmclock_error_ns: at("/kvmclock/vmm_error_ns").as_i64(),
+                    restore_ns: at("/timings/to_put_answered_ns").as_u64(),
+                })
             }
             Carry::InProcess => {
+                let started = std::time::Instant::now();
                 let source = Sidecar::read_from(sidecar, None)
                     .map_err(|e| format!("sidecar: {e}"))?
                     .body;
@@ -109,25 +201,24 @@ impl Carry {
                     offset_estimate: None,
                 };
                 let p = plan(&source, &destination, &policy).map_err(|e| format!("plan: {e}"))?;
-                let pvti = *p.kvmclock.pvti();
-                let put = ClockPut {
-                    tsc_khz: p.tsc_khz,
-                    tsc_offsets: p.tsc_offsets.clone(),
-                    kvmclock: Some(KvmClockPut::FollowPvti(FollowPvti {
-                        tsc_timestamp: pvti.tsc_timestamp,
-                        system_time: pvti.system_time,
-                        tsc_to_system_mul: pvti.tsc_to_system_mul,
-                        tsc_shift: pvti.tsc_shift,
-                        flags: pvti.flags,
-                        max_error_ns: policy.max_kvmclock_error_ns,
-                    })),
-                };
+                let put = ClockPut::from_plan(&p, policy.max_kvmclock_error_ns);
                 let body = serde_json::to_string(&put).map_err(|e| e.to_string())?;
                 let answer = vmm.ok("PUT", "vm.clock", Some(&body))?;
-                let v: serde_json::Value =
+                let restore_ns = u64::try_from(started.elapsed().as_nanos()).ok();
+                let v: Value =
                     serde_json::from_str(&answer).map_err(|e| format!("PUT answer: {e}"))?;
-                Ok(v.get("kvmclock_error_ns")
-                    .and_then(serde_json::Value::as_i64))
+                Ok(RestoreOutcome {
+                    plan_mode: Some(
+                        match p.mode {
+                            PlanMode::SameHost => "same-host",
+                            PlanMode::CrossHost => "cross-host",
+                        }
+                        .into(),
+                    ),
+                    plan_bound_ns: Some(p.error_bound.total_ns),
+                    put_kvmclock_error_ns: v.get("kvmclock_error_ns").and_then(Value::as_i64),
+                    restore_ns,
+                })
             }
         }
     }

@@ -5,14 +5,16 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use super::carry::Carry;
-use super::{row_passes, run_all, Mode, Options, Row, Scenario, VMM_SUBCOMMAND};
+use super::{row_passes, run_all, Mode, Options, Row, Scenario, LAB_ENV, VMM_SUBCOMMAND};
 
 pub const USAGE: &str = "\
 clockcarry-demo: what a guest sees of its clocks across pause/resume,
 snapshot/restore and live update, under today's VMMs and with clockcarry.
 
 USAGE:
-    cargo run --release --bin clockcarry-demo -- [OPTIONS]      (as root: /dev/kvm)
+    integration/demo/run [OPTIONS]      (as root: /dev/kvm; builds, then runs
+                                         target/release/clockcarry-demo)
+    clockcarry-demo [OPTIONS]
 
 OPTIONS:
     --json                      one JSON object per row, nothing else on stdout
@@ -22,12 +24,20 @@ OPTIONS:
     --pause-ms N                pause/resume blackout (default 2000)
     --snapshot-wait-ms N        wait between snapshot and restore (default 3000)
     --migration-blackout-ms N   the migrating source holds its state back N ms (default 1000)
-    --clockcarry-bin PATH       run `PATH capture` / `PATH restore` instead of
-                                the library in-process
-    --env NAME                  the env field of each row (default host)
+    --clockcarry-bin PATH       the clockcarry command to run (default: the
+                                `clockcarry` next to this program, e.g.
+                                target/release/clockcarry)
+    --in-process                use the clockcarry library inside this process
+                                instead of the clockcarry command
+    --env NAME                  the env field of each row (default host); `lab`
+                                adds the checks only real TSC offsets pass
+                                (run it in the KVM lab: docs/demo.md)
     --workdir DIR               where logs, snapshots and sockets go
     --keep                      keep the work directory
     --sequential                one run at a time (default: modes side by side)
+    -v, --verbose               each run's steps on stderr as they happen
+    --timeout-s N               give up after N s: say where each unfinished run
+                                was, kill its processes, exit 3 (default 300)
 ";
 
 fn list<T: Copy>(
@@ -54,6 +64,8 @@ fn ms(text: &str, flag: &str) -> Result<Duration, String> {
 /// Parses the demo's arguments. `None` = help was asked for.
 pub fn parse(args: Vec<String>) -> Result<Option<Options>, String> {
     let exe = std::env::current_exe().map_err(|e| format!("own path: {e}"))?;
+    let mut bin: Option<PathBuf> = None;
+    let mut in_process = false;
     let mut o = Options {
         json: false,
         env: "host".into(),
@@ -67,7 +79,9 @@ pub fn parse(args: Vec<String>) -> Result<Option<Options>, String> {
         workdir: std::env::temp_dir().join(format!("clockcarry-demo-{}", std::process::id())),
         keep: false,
         sequential: false,
-        vmm: (exe, vec![VMM_SUBCOMMAND.to_string()]),
+        verbose: false,
+        timeout: Duration::from_secs(300),
+        vmm: (exe.clone(), vec![VMM_SUBCOMMAND.to_string()]),
     };
     let mut it = args.into_iter();
     while let Some(a) = it.next() {
@@ -76,6 +90,16 @@ pub fn parse(args: Vec<String>) -> Result<Option<Options>, String> {
             "--json" => o.json = true,
             "--keep" => o.keep = true,
             "--sequential" => o.sequential = true,
+            "-v" | "--verbose" => o.verbose = true,
+            "--timeout-s" => {
+                let v = val()?;
+                o.timeout = v
+                    .parse::<u64>()
+                    .ok()
+                    .filter(|&n| n > 0)
+                    .map(Duration::from_secs)
+                    .ok_or_else(|| format!("--timeout-s {v:?}: a number of seconds above 0"))?;
+            }
             "--env" => o.env = val()?,
             "--vcpus" => {
                 let v = val()?;
@@ -90,12 +114,36 @@ pub fn parse(args: Vec<String>) -> Result<Option<Options>, String> {
             "--pause-ms" => o.pause = ms(&val()?, &a)?,
             "--snapshot-wait-ms" => o.snapshot_wait = ms(&val()?, &a)?,
             "--migration-blackout-ms" => o.migration_blackout = ms(&val()?, &a)?,
-            "--clockcarry-bin" => o.carry = Carry::Binary(PathBuf::from(val()?)),
+            "--clockcarry-bin" => bin = Some(PathBuf::from(val()?)),
+            "--in-process" => in_process = true,
             "--workdir" => o.workdir = PathBuf::from(val()?),
             "-h" | "--help" => return Ok(None),
             other => return Err(format!("unknown argument {other:?} (see --help)")),
         }
     }
+    o.carry = match (bin, in_process) {
+        (Some(_), true) => {
+            return Err("--clockcarry-bin and --in-process exclude each other".into())
+        }
+        (Some(b), false) if b.is_file() => Carry::Binary(b),
+        (Some(b), false) => {
+            return Err(format!("--clockcarry-bin {}: no such file", b.display()));
+        }
+        (None, true) => Carry::InProcess,
+        (None, false) => match Carry::next_to(&exe) {
+            Some(b) => Carry::Binary(b),
+            None if !o.modes.contains(&Mode::Clockcarry) => Carry::InProcess,
+            None => {
+                return Err(format!(
+                    "no `{}` command next to {}: build it (`cargo build --release -p \
+                     clockcarry`, or run integration/demo/run, which builds both), name one \
+                     with --clockcarry-bin PATH, or use --in-process",
+                    super::carry::BINARY_NAME,
+                    exe.display()
+                ))
+            }
+        },
+    };
     Ok(Some(o))
 }
 
@@ -119,11 +167,17 @@ fn cell(v: Option<i64>) -> String {
 }
 
 /// The table, with a note on what this host can show.
-pub fn render(rows: &[Row], vcpus: u32) -> String {
+pub fn render(rows: &[Row], vcpus: u32, env: &str, carry: &str) -> String {
+    let kvm = if env == LAB_ENV {
+        "the KVM lab's /dev/kvm (real TSC offsets)".to_string()
+    } else {
+        format!("this host's /dev/kvm (env {env})")
+    };
     let mut out = format!(
         "clockcarry demo: the guest's own view of its clocks across a blackout\n\
-         (probe guest, {vcpus} vCPUs, this host's /dev/kvm; errors are against host \
-         CLOCK_TAI, \"kept running\" = 0)\n\n"
+         (probe guest, {vcpus} vCPUs, {kvm}; errors are against host CLOCK_TAI, \
+         \"kept running\" = 0)\n\
+         clockcarry rows: {carry}\n\n"
     );
     out.push_str(&format!(
         "{:<17} {:<12} {:>10} {:>12} {:>16} {:>17} {:>10}\n",
@@ -137,7 +191,7 @@ pub fn render(rows: &[Row], vcpus: u32) -> String {
     ));
     for r in rows {
         let line = match &r.error {
-            Some(e) => format!("{:<17} {:<12} FAILED: {e}\n", r.scenario, r.mode),
+            Some(e) => format!("{:<17} {:<12} RUN FAILED: {e}\n", r.scenario, r.mode),
             None => format!(
                 "{:<17} {:<12} {:>10} {:>12} {:>16} {:>17} {:>10}\n",
                 r.scenario,
@@ -152,8 +206,25 @@ pub fn render(rows: &[Row], vcpus: u32) -> String {
         };
         out.push_str(&line);
     }
+    let failed: Vec<&Row> = rows.iter().filter(|r| !r.pass).collect();
+    out.push('\n');
+    if failed.is_empty() {
+        out.push_str(&format!("checks: PASS ({} rows)\n", rows.len()));
+    } else {
+        out.push_str(&format!(
+            "checks: FAIL ({} of {} rows)\n",
+            failed.len(),
+            rows.len()
+        ));
+        for r in failed {
+            for c in &r.failed_checks {
+                out.push_str(&format!("  FAIL {} / {}: {c}\n", r.scenario, r.mode));
+            }
+        }
+    }
+    out.push_str(&tsc_rule_summary(rows));
     out.push_str(
-        "\nTSC error: guest TSC minus what it would read had the VM kept running.\n\
+        "TSC error: guest TSC minus what it would read had the VM kept running.\n\
          kvm-clock error: guest kvm-clock minus the same (what the guest's clock_gettime sees).\n\
          kvm-clock vs TSC: the new PVTI minus the old one at the same TSC (a step of the\n\
          TSC-to-kvm-clock line; exact, no timing noise).\n",
@@ -167,6 +238,48 @@ pub fn render(rows: &[Row], vcpus: u32) -> String {
              offsets are real.\n",
         );
     }
+    out
+}
+
+/// What the TSC rule said: for each clockcarry row where it applies, the
+/// error against its bound; or why it does not apply.
+fn tsc_rule_summary(rows: &[Row]) -> String {
+    let cc: Vec<&Row> = rows
+        .iter()
+        .filter(|r| r.mode == Mode::Clockcarry.name() && r.error.is_none())
+        .collect();
+    if cc.is_empty() {
+        return String::new();
+    }
+    if !cc.iter().any(|r| r.tsc_offsets_effective == Some(true)) {
+        return "TSC rule (|TSC error| <= plan bound + measurement bound): not applicable, \
+                TSC offsets are inert here\n\n"
+            .into();
+    }
+    let mut out = String::from(
+        "TSC rule (|TSC error| <= plan bound + measurement bound, clockcarry rows):\n",
+    );
+    for r in cc {
+        let ns = |v: Option<u64>| v.map_or("-".into(), |v| format!("{v} ns"));
+        out.push_str(&format!(
+            "  {:<17} {:>12} vs {:>10} (plan {}{}, measurement {})  {}\n",
+            r.scenario,
+            cell(r.tsc_error_ns),
+            ns(r.tsc_bound_ns),
+            ns(r.plan_bound_ns
+                .or((r.scenario == Scenario::PauseResume.name()).then_some(0))),
+            r.plan_mode
+                .as_deref()
+                .map_or(String::new(), |m| format!(" {m}")),
+            ns(r.measure_bound_ns),
+            if r.failed_checks.iter().any(|c| c.starts_with("|TSC error|")) {
+                "FAIL"
+            } else {
+                "pass"
+            }
+        ));
+    }
+    out.push('\n');
     out
 }
 
@@ -196,20 +309,37 @@ pub fn main_with(args: Vec<String>) -> i32 {
         return 2;
     }
     let started = Instant::now();
+    let carry = if opts.modes.contains(&Mode::Clockcarry) {
+        opts.carry.describe()
+    } else {
+        "none (no clockcarry mode asked for)".to_string()
+    };
+    // Which clockcarry the rows run: on stderr always (stdout is JSON only
+    // with --json), in the table's header too.
+    eprintln!("clockcarry-demo: clockcarry rows run {carry}");
     if !opts.json {
         eprintln!(
-            "running {} scenarios x {} modes ...",
+            "running {} scenarios x {} modes{} ...",
             opts.scenarios.len(),
-            opts.modes.len()
+            opts.modes.len(),
+            if opts.env == LAB_ENV {
+                " (lab checks on)"
+            } else {
+                ""
+            }
         );
     }
-    let rows = run_all(&opts);
-    if opts.json {
-        for r in &rows {
+    super::progress::set_verbose(opts.verbose);
+    super::progress::watchdog(opts.timeout);
+    // With --json each scenario's rows go out as soon as they are measured.
+    let rows = run_all(&opts, |r| {
+        if opts.json {
             println!("{}", serde_json::to_string(r).unwrap_or_default());
+            let _ = std::io::Write::flush(&mut std::io::stdout());
         }
-    } else {
-        print!("{}", render(&rows, opts.vcpus));
+    });
+    if !opts.json {
+        print!("{}", render(&rows, opts.vcpus, &opts.env, &carry));
         println!(
             "\n{} runs in {:.1} s; work directory {}{}",
             rows.len(),
@@ -223,16 +353,25 @@ pub fn main_with(args: Vec<String>) -> i32 {
     }
     let failed: Vec<&Row> = rows.iter().filter(|r| !row_passes(r)).collect();
     if failed.is_empty() {
+        eprintln!(
+            "clockcarry-demo: PASS: all {} rows passed their checks",
+            rows.len()
+        );
         0
     } else {
-        for r in failed {
+        for r in &failed {
             eprintln!(
-                "clockcarry-demo: {} / {} does not pass{}",
+                "clockcarry-demo: FAIL {} / {}: {}",
                 r.scenario,
                 r.mode,
-                r.error.as_ref().map_or(String::new(), |e| format!(": {e}"))
+                r.failed_checks.join("; ")
             );
         }
+        eprintln!(
+            "clockcarry-demo: FAIL: {} of {} rows failed their checks",
+            failed.len(),
+            rows.len()
+        );
         1
     }
 }
@@ -249,19 +388,61 @@ mod tests {
         assert_eq!(human(i64::MIN).chars().next(), Some('-'));
     }
 
+    fn args(a: &[&str]) -> Vec<String> {
+        a.iter().map(|s| s.to_string()).collect()
+    }
+
     #[test]
     fn parses_lists() {
-        let o = parse(vec![
-            "--modes".into(),
-            "qemu,clockcarry".into(),
-            "--scenarios".into(),
-            "pause-resume".into(),
-        ])
+        let o = parse(args(&[
+            "--modes",
+            "qemu,clockcarry",
+            "--scenarios",
+            "pause-resume",
+            "--in-process",
+        ]))
         .expect("ok")
         .expect("options");
         assert_eq!(o.modes.len(), 2);
         assert_eq!(o.scenarios, vec![Scenario::PauseResume]);
-        assert!(parse(vec!["--modes".into(), "vmware".into()]).is_err());
-        assert!(parse(vec!["--vcpus".into(), "0".into()]).is_err());
+        assert!(parse(args(&["--modes", "vmware"])).is_err());
+        assert!(parse(args(&["--vcpus", "0"])).is_err());
+    }
+
+    #[test]
+    fn which_clockcarry_runs() {
+        // The test executable has no `clockcarry` next to it (target/*/deps/).
+        let exe = std::env::current_exe().expect("own path");
+        assert!(Carry::next_to(&exe).is_none());
+        // No fallback to the library without --in-process...
+        let e = parse(vec![]).expect_err("no clockcarry binary");
+        assert!(
+            e.contains("--in-process") && e.contains("--clockcarry-bin"),
+            "{e}"
+        );
+        // ... unless no clockcarry row is asked for.
+        let o = parse(args(&["--modes", "qemu"]))
+            .expect("ok")
+            .expect("options");
+        assert!(matches!(o.carry, Carry::InProcess));
+        let o = parse(args(&["--in-process"]))
+            .expect("ok")
+            .expect("options");
+        assert!(matches!(o.carry, Carry::InProcess));
+        // An explicit binary must exist; it and --in-process exclude each other.
+        let here = exe.display().to_string();
+        let o = parse(args(&["--clockcarry-bin", &here]))
+            .expect("ok")
+            .expect("options");
+        assert!(matches!(&o.carry, Carry::Binary(b) if *b == exe));
+        assert!(parse(args(&["--clockcarry-bin", "/nonexistent/clockcarry"])).is_err());
+        assert!(parse(args(&["--clockcarry-bin", &here, "--in-process"])).is_err());
+        // Next to the demo: the file named `clockcarry` in the same directory.
+        let dir = std::env::temp_dir().join(format!("demo-next-to-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        std::fs::write(dir.join("clockcarry"), b"").expect("file");
+        let found = Carry::next_to(&dir.join("clockcarry-demo"));
+        let _ = std::fs::remove_dir_all(&dir);
+        assert_eq!(found, Some(dir.join("clockcarry")));
     }
 }

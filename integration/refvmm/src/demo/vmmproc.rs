@@ -4,6 +4,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use super::progress;
 use crate::http::{self, ClientResponse};
 
 /// How long API calls may take (a restore reads the whole memory file).
@@ -44,6 +45,7 @@ impl VmmProcess {
             .stderr(stderr)
             .spawn()
             .map_err(|e| format!("{name}: cannot start {}: {e}", program.display()))?;
+        progress::add_child(child.id());
         let mut p = VmmProcess {
             name: name.to_string(),
             socket,
@@ -107,6 +109,7 @@ impl VmmProcess {
         let deadline = Instant::now() + timeout;
         while Instant::now() < deadline {
             if let Ok(Some(_)) = self.child.try_wait() {
+                progress::remove_child(self.child.id());
                 return true;
             }
             std::thread::sleep(Duration::from_millis(10));
@@ -125,6 +128,7 @@ impl VmmProcess {
     fn kill(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        progress::remove_child(self.child.id());
     }
 }
 
