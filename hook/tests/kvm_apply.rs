@@ -5,7 +5,10 @@
 //! after (the shape measured on this project's machines).
 #![cfg(all(feature = "kvm", target_os = "linux", target_arch = "x86_64"))]
 
-use clockcarry::kvm::{apply_with, ApplyError, ApplyOptions, ApplyStep, ClockOps, KvmError};
+use clockcarry::kvm::{
+    apply_request, apply_with, ApplyError, ApplyOptions, ApplyRequest, ApplyStep, ClockOps,
+    ClockRequest, FollowVia, KvmError,
+};
 use clockcarry::model::{
     ClockPolicy, KvmClockSample, Pvti, PvtiSource, KVM_CLOCK_HOST_TSC, KVM_CLOCK_REALTIME,
     KVM_CLOCK_TSC_STABLE,
@@ -518,6 +521,149 @@ fn bad_plans_are_refused_before_any_call() {
         apply_with(&mut empty, &p, &ApplyOptions::default()),
         Err(ApplyError::VcpuCountMismatch { plan: 0, vm: 0 })
     ));
+}
+
+fn request(kvm: &FakeKvm, delta: i64, kvmclock: ClockRequest) -> ApplyRequest {
+    ApplyRequest {
+        tsc_khz: None,
+        tsc_offsets: kvm.offsets.iter().map(|o| o + delta).collect(),
+        kvmclock,
+    }
+}
+
+fn set_clock_calls(kvm: &FakeKvm) -> Vec<&Call> {
+    kvm.log
+        .iter()
+        .filter(|c| matches!(c, Call::SetClock(..) | Call::SetClockGuest(_)))
+        .collect()
+}
+
+#[test]
+fn leave_makes_no_clock_call() {
+    let mut kvm = FakeKvm::new(3);
+    let clock_before = kvm.kvmclock_offset_ns;
+    let req = request(&kvm, 4_000, ClockRequest::Leave);
+    let report = apply_request(&mut kvm, &req, &ApplyOptions::default()).expect("apply");
+    assert!(set_clock_calls(&kvm).is_empty(), "{:?}", kvm.log);
+    assert!(!kvm.log.contains(&Call::GetClock), "{:?}", kvm.log);
+    assert_eq!(kvm.kvmclock_offset_ns, clock_before);
+    assert_eq!(report.kvmclock, None);
+    assert_eq!(report.offsets_read_back, req.tsc_offsets);
+    // KVMCLOCK_CTRL still tells each guest it was stopped.
+    assert!((0..3).all(|i| kvm.log.contains(&Call::Ctrl(i))));
+    let names: Vec<&str> = report.steps.iter().map(|s| s.name).collect();
+    assert_eq!(
+        names,
+        ["read_offsets", "offsets", "kvmclock_ctrl", "verify"]
+    );
+
+    // A failure after it rolls back the offsets and leaves the clock alone.
+    let mut kvm = FakeKvm::new(3);
+    let before = kvm.offsets.clone();
+    kvm.fault = Some((Op::Ctrl, 1, libc::EIO));
+    let req = request(&kvm, 4_000, ClockRequest::Leave);
+    let err = apply_request(&mut kvm, &req, &ApplyOptions::default()).expect_err("must fail");
+    assert_eq!(failed(&err).0, ApplyStep::KvmclockCtrl);
+    assert_eq!(kvm.offsets, before);
+    assert!(set_clock_calls(&kvm).is_empty(), "{:?}", kvm.log);
+    assert_eq!(err.rollback().and_then(|r| r.clock_restored), None);
+}
+
+#[test]
+fn raw_makes_exactly_one_set_clock_as_given() {
+    for flags in [0, KVM_CLOCK_REALTIME] {
+        let mut kvm = FakeKvm::new(2);
+        let realtime_ns = if flags == 0 { 0 } else { REALTIME_BASE_NS };
+        let req = request(
+            &kvm,
+            0,
+            ClockRequest::Raw {
+                clock_ns: 123_456_789,
+                realtime_ns,
+                flags,
+            },
+        );
+        let report = apply_request(&mut kvm, &req, &ApplyOptions::default()).expect("apply");
+        assert_eq!(
+            set_clock_calls(&kvm),
+            [&Call::SetClock(123_456_789, realtime_ns, flags)],
+            "{:?}",
+            kvm.log
+        );
+        let k = report.kvmclock.as_ref().expect("outcome");
+        assert_eq!((k.method, k.tries, k.error_ns), ("set_clock", 1, None));
+        assert!(report.step_ns("set_clock").is_some());
+    }
+
+    // Refused flags: nothing touched.
+    let mut kvm = FakeKvm::new(2);
+    let req = request(
+        &kvm,
+        0,
+        ClockRequest::Raw {
+            clock_ns: 1,
+            realtime_ns: 1,
+            flags: KVM_CLOCK_HOST_TSC,
+        },
+    );
+    let err = apply_request(&mut kvm, &req, &ApplyOptions::default()).expect_err("refused");
+    assert!(
+        matches!(
+            err,
+            ApplyError::InvalidPlan {
+                field: "kvmclock.set_clock.flags",
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert!(kvm.log.is_empty());
+
+    // A failing raw call rolls back the offsets; the clock was not set.
+    let mut kvm = FakeKvm::new(2);
+    let before = kvm.offsets.clone();
+    kvm.fault = Some((Op::SetClock, 0, libc::EINVAL));
+    let req = request(
+        &kvm,
+        500,
+        ClockRequest::Raw {
+            clock_ns: 1,
+            realtime_ns: 0,
+            flags: 0,
+        },
+    );
+    let err = apply_request(&mut kvm, &req, &ApplyOptions::default()).expect_err("must fail");
+    assert_eq!(failed(&err).0, ApplyStep::SetClock);
+    assert_eq!(kvm.offsets, before);
+    assert_eq!(set_clock_calls(&kvm).len(), 1, "{:?}", kvm.log);
+}
+
+#[test]
+fn follow_picks_clock_guest_when_the_options_say_so() {
+    let follow = ClockRequest::Follow {
+        pvti: source_pvti(),
+        max_error_ns: 50,
+        via: FollowVia::Best,
+    };
+    let mut kvm = FakeKvm::new(2);
+    let req = request(&kvm, 1_000, follow);
+    let options = ApplyOptions {
+        clock_guest: true,
+        ..ApplyOptions::default()
+    };
+    let report = apply_request(&mut kvm, &req, &options).expect("apply");
+    assert_eq!(set_clock_calls(&kvm), [&Call::SetClockGuest(0)]);
+    assert_eq!(report.kvmclock.expect("outcome").method, "clock_guest");
+
+    // Without it (and without KVM_CLOCK_REALTIME): the calibrated loop,
+    // aimed at the line at the TSC of each call.
+    let mut kvm = FakeKvm::new(2);
+    let req = request(&kvm, 1_000, follow);
+    let report = apply_request(&mut kvm, &req, &ApplyOptions::default()).expect("apply");
+    let k = report.kvmclock.expect("outcome");
+    assert_eq!(k.method, "set_clock");
+    assert!(k.within_max_error, "{k:?}");
+    assert!(!kvm.log.iter().any(|c| matches!(c, Call::SetClockGuest(_))));
 }
 
 fn op_strategy() -> impl Strategy<Value = Op> {

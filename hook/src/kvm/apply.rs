@@ -1,7 +1,9 @@
-//! Apply a [`Plan`] to a VM: frequency -> all offsets back to back ->
-//! KVM_SET_CLOCK_GUEST or a calibrated KVM_SET_CLOCK -> KVMCLOCK_CTRL on each
-//! vCPU -> read every offset back. On any failure the previous frequency,
-//! offsets and kvm-clock are put back and the error names the step.
+//! Apply a [`Plan`] (or an [`ApplyRequest`], what a `PUT vm.clock` asks) to
+//! a VM: frequency -> all offsets back to back -> KVM_SET_CLOCK_GUEST, a
+//! calibrated KVM_SET_CLOCK, one raw KVM_SET_CLOCK or nothing ->
+//! KVMCLOCK_CTRL on each vCPU -> read every offset back. On any failure the
+//! previous frequency, offsets and kvm-clock are put back and the error
+//! names the step.
 //!
 //! The ioctls sit behind the narrow [`ClockOps`] trait (one real
 //! implementation, [`KvmOps`], on kvm-ioctls fds), so ordering and rollback
@@ -19,6 +21,7 @@ use super::{elapsed_ns, sys, KvmError};
 use crate::model::{KvmClockSample, Pvti, TscScaling, KVM_CLOCK_REALTIME};
 use crate::plan::{KvmClockAction, Plan};
 use crate::pvclock::{guest_tsc, scale_delta};
+use crate::vmclock_api::{ClockPut, KvmClockPut};
 
 /// KVM_SET_CLOCK tries of the calibration loop unless told otherwise.
 pub const DEFAULT_SET_CLOCK_TRIES: u32 = 8;
@@ -53,6 +56,131 @@ pub trait ClockOps {
     /// The host TSC now (the counter KVM_GET_CLOCK reports as `host_tsc`).
     fn host_tsc(&mut self) -> u64 {
         crate::host::read_host_tsc()
+    }
+    /// A (host TSC, CLOCK_REALTIME ns) pair taken together: the narrowest of
+    /// a few [`ClockOps::host_tsc`] brackets around a realtime read. `None`
+    /// when CLOCK_REALTIME cannot be read.
+    fn realtime_pair(&mut self) -> Option<(u64, u64)> {
+        let mut best: Option<(u64, u64, u64)> = None;
+        for _ in 0..8 {
+            let a = self.host_tsc();
+            let rt = crate::host::realtime_now_ns().ok()?;
+            let b = self.host_tsc();
+            let width = b.saturating_sub(a);
+            if best.is_none_or(|(w, _, _)| width < w) {
+                best = Some((width, a.saturating_add(width / 2), rt));
+            }
+        }
+        best.map(|(_, tsc, rt)| (tsc, rt))
+    }
+}
+
+/// What a `PUT vm.clock` asks of the VM (see docs/kvm.md and the design's
+/// "The VMM clock API"): [`apply_request`] runs it; [`apply_with`] turns a
+/// [`Plan`] into one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApplyRequest {
+    /// Set the guest TSC rate first (`None`: leave it).
+    pub tsc_khz: Option<u32>,
+    /// One offset per vCPU, in vCPU order.
+    pub tsc_offsets: Vec<i64>,
+    pub kvmclock: ClockRequest,
+}
+
+/// What to do with kvm-clock.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClockRequest {
+    /// Make kvm-clock follow `pvti` (`follow_pvti`), by the means `via` says;
+    /// a calibrated KVM_SET_CLOCK stops within `max_error_ns`.
+    Follow {
+        pvti: Pvti,
+        max_error_ns: u64,
+        via: FollowVia,
+    },
+    /// One KVM_SET_CLOCK as given (`set_clock`): no line to verify.
+    Raw {
+        clock_ns: u64,
+        realtime_ns: u64,
+        flags: u32,
+    },
+    /// Leave kvm-clock alone (`"kvmclock": null`): no clock call at all.
+    Leave,
+}
+
+/// How [`ClockRequest::Follow`] sets the line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum FollowVia {
+    /// KVM_SET_CLOCK_GUEST when [`ApplyOptions::clock_guest`] says the kernel
+    /// has it, else KVM_SET_CLOCK aimed at the line (at a fresh (host TSC,
+    /// realtime) pair when [`ApplyOptions::set_clock_realtime`]) and corrected
+    /// in the calibration loop. What a `PUT vm.clock` `follow_pvti` means.
+    #[default]
+    Best,
+    /// KVM_SET_CLOCK_GUEST (a plan's [`KvmClockAction::ClockGuest`]).
+    ClockGuest,
+    /// The calibrated KVM_SET_CLOCK from this first aim (a plan's
+    /// [`KvmClockAction::SetClock`], aimed by the planner).
+    SetClock {
+        clock_ns: u64,
+        realtime_ns: u64,
+        flags: u32,
+    },
+}
+
+impl From<&Plan> for ApplyRequest {
+    fn from(plan: &Plan) -> Self {
+        let kvmclock = match plan.kvmclock {
+            KvmClockAction::ClockGuest { pvti } => ClockRequest::Follow {
+                pvti,
+                max_error_ns: CLOCK_GUEST_MAX_ERROR_NS,
+                via: FollowVia::ClockGuest,
+            },
+            KvmClockAction::SetClock {
+                clock_ns,
+                realtime_ns,
+                flags,
+                pvti,
+                max_error_ns,
+            } => ClockRequest::Follow {
+                pvti,
+                max_error_ns,
+                via: FollowVia::SetClock {
+                    clock_ns,
+                    realtime_ns,
+                    flags,
+                },
+            },
+        };
+        ApplyRequest {
+            tsc_khz: plan.tsc_khz,
+            tsc_offsets: plan.tsc_offsets.clone(),
+            kvmclock,
+        }
+    }
+}
+
+/// A `PUT vm.clock` body as a request: `follow_pvti` -> [`FollowVia::Best`],
+/// `set_clock` -> [`ClockRequest::Raw`], `null` -> [`ClockRequest::Leave`].
+impl From<&ClockPut> for ApplyRequest {
+    fn from(body: &ClockPut) -> Self {
+        let kvmclock = match body.kvmclock {
+            Some(KvmClockPut::FollowPvti(f)) => ClockRequest::Follow {
+                pvti: f.pvti(),
+                max_error_ns: f.max_error_ns,
+                via: FollowVia::Best,
+            },
+            Some(KvmClockPut::SetClock(s)) => ClockRequest::Raw {
+                clock_ns: s.clock,
+                realtime_ns: s.realtime,
+                flags: s.flags,
+            },
+            None => ClockRequest::Leave,
+        };
+        ApplyRequest {
+            tsc_khz: body.tsc_khz,
+            tsc_offsets: body.tsc_offsets.clone(),
+            kvmclock,
+        }
     }
 }
 
@@ -120,6 +248,13 @@ pub struct ApplyOptions {
     /// a read-back equal to the previous offsets is then reported as
     /// `tsc_offsets_effective: false` instead of failing the apply.
     pub tsc_offsets_inert: bool,
+    /// KVM_SET_CLOCK_GUEST works here ([`KvmProbe::clock_guest`]): a
+    /// [`FollowVia::Best`] request uses it.
+    pub clock_guest: bool,
+    /// KVM_SET_CLOCK takes KVM_CLOCK_REALTIME here (KVM_CAP_ADJUST_CLOCK):
+    /// a [`FollowVia::Best`] request without CLOCK_GUEST aims at a (host TSC,
+    /// realtime) pair.
+    pub set_clock_realtime: bool,
 }
 
 impl Default for ApplyOptions {
@@ -128,15 +263,20 @@ impl Default for ApplyOptions {
             max_set_clock_tries: DEFAULT_SET_CLOCK_TRIES,
             tsc_scaling: None,
             tsc_offsets_inert: false,
+            clock_guest: false,
+            set_clock_realtime: false,
         }
     }
 }
 
 impl ApplyOptions {
-    /// Defaults, with what the probe found about offset writes.
+    /// Defaults, with what the probe found about offset writes, CLOCK_GUEST
+    /// and KVM_CLOCK_REALTIME.
     pub fn from_probe(probe: &KvmProbe) -> Self {
         ApplyOptions {
             tsc_offsets_inert: probe.tsc_offsets_inert(),
+            clock_guest: probe.clock_guest,
+            set_clock_realtime: probe.adjust_clock_flags & KVM_CLOCK_REALTIME != 0,
             ..ApplyOptions::default()
         }
     }
@@ -334,19 +474,29 @@ struct Undo {
     clock_set: bool,
 }
 
-/// Applies `plan` through `ops`. Never panics; see the module doc for the
-/// order and docs/kvm.md for the rollback semantics.
+/// Applies `plan` through `ops`: [`apply_request`] on the plan's request
+/// (its CLOCK_GUEST or calibrated SET_CLOCK, from the planner's aim).
 pub fn apply_with<O: ClockOps + ?Sized>(
     ops: &mut O,
     plan: &Plan,
     options: &ApplyOptions,
 ) -> Result<ApplyReport, ApplyError> {
+    apply_request(ops, &ApplyRequest::from(plan), options)
+}
+
+/// Applies `request` through `ops`. Never panics; see the module doc for the
+/// order and docs/kvm.md for the rollback semantics.
+pub fn apply_request<O: ClockOps + ?Sized>(
+    ops: &mut O,
+    request: &ApplyRequest,
+    options: &ApplyOptions,
+) -> Result<ApplyReport, ApplyError> {
     let start = Instant::now();
     let n = ops.vcpu_count();
-    validate(plan, n)?;
+    validate(request, n)?;
     let mut report = ApplyReport::default();
     let mut undo = Undo::default();
-    let result = run_steps(ops, plan, options, &mut report, &mut undo);
+    let result = run_steps(ops, request, options, &mut report, &mut undo);
     report.total_ns = elapsed_ns(start);
     match result {
         Ok(()) => Ok(report),
@@ -383,7 +533,7 @@ fn check_pvti(pvti: &Pvti) -> Result<(), ApplyError> {
 }
 
 /// Everything that can be refused without touching the VM.
-fn validate(plan: &Plan, vcpu_count: usize) -> Result<(), ApplyError> {
+fn validate(plan: &ApplyRequest, vcpu_count: usize) -> Result<(), ApplyError> {
     if vcpu_count == 0 || plan.tsc_offsets.len() != vcpu_count {
         return Err(ApplyError::VcpuCountMismatch {
             plan: plan.tsc_offsets.len(),
@@ -398,11 +548,22 @@ fn validate(plan: &Plan, vcpu_count: usize) -> Result<(), ApplyError> {
             ));
         }
     }
-    check_pvti(plan.kvmclock.pvti())?;
-    if let KvmClockAction::SetClock {
-        flags, realtime_ns, ..
-    } = plan.kvmclock
-    {
+    let set_clock = match plan.kvmclock {
+        ClockRequest::Follow { pvti, via, .. } => {
+            check_pvti(&pvti)?;
+            match via {
+                FollowVia::SetClock {
+                    flags, realtime_ns, ..
+                } => Some((flags, realtime_ns)),
+                FollowVia::Best | FollowVia::ClockGuest => None,
+            }
+        }
+        ClockRequest::Raw {
+            flags, realtime_ns, ..
+        } => Some((flags, realtime_ns)),
+        ClockRequest::Leave => None,
+    };
+    if let Some((flags, realtime_ns)) = set_clock {
         if flags & !KVM_CLOCK_REALTIME != 0 {
             return Err(invalid(
                 "kvmclock.set_clock.flags",
@@ -427,7 +588,7 @@ fn vcpu_u32(index: usize) -> u32 {
 
 fn run_steps<O: ClockOps + ?Sized>(
     ops: &mut O,
-    plan: &Plan,
+    plan: &ApplyRequest,
     options: &ApplyOptions,
     report: &mut ApplyReport,
     undo: &mut Undo,
@@ -481,60 +642,17 @@ fn run_steps<O: ClockOps + ?Sized>(
 
     // kvm-clock.
     let t = Instant::now();
-    let clock_step = match plan.kvmclock {
-        KvmClockAction::ClockGuest { .. } => ApplyStep::ClockGuest,
-        KvmClockAction::SetClock { .. } => ApplyStep::SetClock,
-    };
-    let before = ops.get_clock().map_err(|e| (clock_step, e))?;
-    undo.clock = Some((before, Instant::now()));
-    let outcome = match plan.kvmclock {
-        KvmClockAction::ClockGuest { pvti } => {
-            ops.set_clock_guest(0, &pvti)
-                .map_err(|e| (clock_step, e.on_vcpu(0)))?;
-            undo.clock_set = true;
-            let sample = ops.get_clock().map_err(|e| (clock_step, e))?;
-            let error_ns = clock_error_ns(&sample, &pvti, options.tsc_scaling, offset0);
-            KvmclockOutcome {
-                method: "clock_guest",
-                error_ns,
-                tries: 1,
-                try_errors_ns: error_ns.into_iter().collect(),
-                // Exact up to the truncation of KVM's two scale computations.
-                max_error_ns: CLOCK_GUEST_MAX_ERROR_NS,
-                within_max_error: error_ns
-                    .is_some_and(|e| e.unsigned_abs() <= CLOCK_GUEST_MAX_ERROR_NS),
-                aimed_with_offset_cycles: offset0,
-            }
-        }
-        KvmClockAction::SetClock {
-            clock_ns,
-            realtime_ns,
-            flags,
-            pvti,
-            max_error_ns,
-        } => {
-            let aim = Aim {
-                pvti,
-                clock_ns,
-                realtime_ns,
-                flags,
-                max_error_ns,
-                offset0,
-                scaling: options.tsc_scaling,
-                max_tries: options.max_set_clock_tries.max(1),
-            };
-            set_clock_calibrated(ops, &aim, undo).map_err(|e| (clock_step, e))?
-        }
-    };
-    report.kvmclock = Some(outcome);
-    record(
-        report,
-        match clock_step {
-            ApplyStep::ClockGuest => "clock_guest",
-            _ => "set_clock",
-        },
-        t,
-    );
+    if let Some((step, outcome)) = set_kvmclock(ops, plan, options, offset0, undo)? {
+        report.kvmclock = Some(outcome);
+        record(
+            report,
+            match step {
+                ApplyStep::ClockGuest => "clock_guest",
+                _ => "set_clock",
+            },
+            t,
+        );
+    }
 
     // Tell each vCPU's guest it was stopped.
     let t = Instant::now();
@@ -584,6 +702,113 @@ fn run_steps<O: ClockOps + ?Sized>(
     report.tsc_offsets_effective = matches_plan && !options.tsc_offsets_inert;
     record(report, "verify", t);
     Ok(())
+}
+
+/// The kvm-clock step of [`run_steps`]: the step and what it did (`None`
+/// for [`ClockRequest::Leave`], which makes no call).
+fn set_kvmclock<O: ClockOps + ?Sized>(
+    ops: &mut O,
+    request: &ApplyRequest,
+    options: &ApplyOptions,
+    offset0: i64,
+    undo: &mut Undo,
+) -> Result<Option<(ApplyStep, KvmclockOutcome)>, StepError> {
+    let (pvti, max_error_ns, via) = match request.kvmclock {
+        ClockRequest::Leave => return Ok(None),
+        ClockRequest::Raw {
+            clock_ns,
+            realtime_ns,
+            flags,
+        } => {
+            let step = ApplyStep::SetClock;
+            let before = ops.get_clock().map_err(|e| (step, e))?;
+            undo.clock = Some((before, Instant::now()));
+            ops.set_clock(clock_ns, realtime_ns, flags)
+                .map_err(|e| (step, e))?;
+            undo.clock_set = true;
+            // No line to verify against.
+            let outcome = KvmclockOutcome {
+                method: "set_clock",
+                error_ns: None,
+                tries: 1,
+                try_errors_ns: Vec::new(),
+                max_error_ns: u64::MAX,
+                within_max_error: false,
+                aimed_with_offset_cycles: offset0,
+            };
+            return Ok(Some((step, outcome)));
+        }
+        ClockRequest::Follow {
+            pvti,
+            max_error_ns,
+            via,
+        } => (pvti, max_error_ns, via),
+    };
+    let clock_guest = match via {
+        FollowVia::ClockGuest => true,
+        FollowVia::Best => options.clock_guest,
+        FollowVia::SetClock { .. } => false,
+    };
+    let step = if clock_guest {
+        ApplyStep::ClockGuest
+    } else {
+        ApplyStep::SetClock
+    };
+    let before = ops.get_clock().map_err(|e| (step, e))?;
+    undo.clock = Some((before, Instant::now()));
+    if clock_guest {
+        ops.set_clock_guest(0, &pvti)
+            .map_err(|e| (step, e.on_vcpu(0)))?;
+        undo.clock_set = true;
+        let sample = ops.get_clock().map_err(|e| (step, e))?;
+        let error_ns = clock_error_ns(&sample, &pvti, options.tsc_scaling, offset0);
+        let outcome = KvmclockOutcome {
+            method: "clock_guest",
+            error_ns,
+            tries: 1,
+            try_errors_ns: error_ns.into_iter().collect(),
+            // Exact up to the truncation of KVM's two scale computations.
+            max_error_ns: CLOCK_GUEST_MAX_ERROR_NS,
+            within_max_error: error_ns
+                .is_some_and(|e| e.unsigned_abs() <= CLOCK_GUEST_MAX_ERROR_NS),
+            aimed_with_offset_cycles: offset0,
+        };
+        return Ok(Some((step, outcome)));
+    }
+    let (clock_ns, realtime_ns, flags) = match via {
+        FollowVia::SetClock {
+            clock_ns,
+            realtime_ns,
+            flags,
+        } => (clock_ns, realtime_ns, flags),
+        // Aim at the line at a (host TSC, realtime) pair taken now, with the
+        // guest TSC the kernel really uses; without KVM_CLOCK_REALTIME the
+        // loop aims at the line at the TSC of each call.
+        FollowVia::Best | FollowVia::ClockGuest => match options
+            .set_clock_realtime
+            .then(|| ops.realtime_pair())
+            .flatten()
+        {
+            Some((host_tsc, realtime_ns)) => {
+                let tsc = guest_tsc(host_tsc, options.tsc_scaling, offset0);
+                let aim = u64::try_from(line_at(&pvti, tsc).max(0)).unwrap_or(u64::MAX);
+                (aim, realtime_ns, KVM_CLOCK_REALTIME)
+            }
+            None => (0, 0, 0),
+        },
+    };
+    let aim = Aim {
+        pvti,
+        clock_ns,
+        realtime_ns,
+        flags,
+        max_error_ns,
+        offset0,
+        scaling: options.tsc_scaling,
+        max_tries: options.max_set_clock_tries.max(1),
+    };
+    let outcome = set_clock_calibrated(ops, &aim, undo).map_err(|e| (step, e))?;
+    Ok(Some((step, outcome)))
 }
 
 fn record(report: &mut ApplyReport, name: &'static str, since: Instant) {

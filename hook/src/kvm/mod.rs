@@ -10,6 +10,9 @@
 //!   frequency -> all offsets back to back -> KVM_SET_CLOCK_GUEST or a
 //!   calibrated KVM_SET_CLOCK -> KVMCLOCK_CTRL -> read-back verification;
 //!   any failure puts the previous frequency, offsets and clock back.
+//!   [`apply_request`] does the same for an [`ApplyRequest`], what a
+//!   `PUT vm.clock` body asks (`follow_pvti`, a raw `set_clock`, or leaving
+//!   kvm-clock alone); `apply_with` is it on the plan's request.
 //! - [`sys`]: the ioctls kvm-ioctls lacks on x86-64, each one small function.
 //! - [`guest`] and [`selftest`]: a tiny real-mode guest that enables
 //!   kvm-clock and reports its TSC over port I/O, and the same-host round trip
@@ -27,9 +30,9 @@ pub mod selftest;
 pub mod sys;
 
 pub use apply::{
-    apply, apply_with, ApplyError, ApplyOptions, ApplyReport, ApplyStep, ClockOps, KvmOps,
-    KvmclockOutcome, Refusal, RollbackReport, StepRecord, CLOCK_GUEST_MAX_ERROR_NS,
-    DEFAULT_SET_CLOCK_TRIES,
+    apply, apply_request, apply_with, ApplyError, ApplyOptions, ApplyReport, ApplyRequest,
+    ApplyStep, ClockOps, ClockRequest, FollowVia, KvmOps, KvmclockOutcome, Refusal, RollbackReport,
+    StepRecord, CLOCK_GUEST_MAX_ERROR_NS, DEFAULT_SET_CLOCK_TRIES,
 };
 pub use caps::{probe, KvmProbe, OffsetWriteTest};
 pub use capture::{capture, kvmclock_msr, read_pvti_consistent, PvtiReader};

@@ -1,5 +1,5 @@
 //! GET / PUT /api/v1/vm.clock, as the design brief defines them, on the
-//! library's KVM layer (`clockcarry::kvm::{capture, apply_with}`).
+//! library's KVM layer (`clockcarry::kvm::{capture, apply_request}`).
 //!
 //! PUT body:
 //!
@@ -16,23 +16,18 @@
 //! `vmclock_api::PutAnswer` reads: `kvmclock_error_ns`, `kvmclock_method`,
 //! `tsc_offsets_effective`, `refused`.
 //!
-//! Applied by the library in the order frequency -> offsets -> clock ->
+//! Applied by the library (`clockcarry::kvm::apply_request` on the body's
+//! `ApplyRequest`) in the order frequency -> offsets -> clock ->
 //! KVMCLOCK_CTRL, with rollback of the offsets on failure. `follow_pvti`
 //! becomes KVM_SET_CLOCK_GUEST where the kernel has it, else a KVM_SET_CLOCK
 //! aimed at the line and corrected by the library's loop; `set_clock` is one
 //! raw KVM_SET_CLOCK; `null` leaves kvm-clock alone.
 
 use clockcarry::kvm::{
-    apply_with, capture, ApplyError, ApplyOptions, ApplyReport, ClockOps, KvmError, KvmOps,
-    KvmProbe,
+    apply_request, capture, ApplyError, ApplyOptions, ApplyReport, ApplyRequest, KvmOps, KvmProbe,
 };
-use clockcarry::model::{
-    Capabilities, KvmClockSample, Pvti, RunState, VmClock, KVM_CLOCK_REALTIME,
-};
-use clockcarry::plan::{ErrorBound, KvmClockAction, Plan, PlanMode};
-use clockcarry::pvclock::{guest_tsc, pvclock_read};
-use clockcarry::{host, ClockPolicy, PvtiSource};
-use kvm_ioctls::{Kvm, VcpuFd};
+use clockcarry::model::{Capabilities, RunState, VmClock, KVM_CLOCK_REALTIME};
+use kvm_ioctls::Kvm;
 use serde::Serialize;
 
 pub use clockcarry::vmclock_api::{ClockPut, FollowPvti, KvmClockPut, SetClockPut};
@@ -98,10 +93,16 @@ impl ProbedKvm {
     }
 
     fn apply_options(&self) -> ApplyOptions {
-        self.probe
-            .as_ref()
-            .map(ApplyOptions::from_probe)
-            .unwrap_or_default()
+        ApplyOptions {
+            // follow_pvti: CLOCK_GUEST and KVM_CLOCK_REALTIME as probed.
+            clock_guest: self.caps.clock_guest,
+            set_clock_realtime: self.caps.adjust_clock & KVM_CLOCK_REALTIME != 0,
+            ..self
+                .probe
+                .as_ref()
+                .map(ApplyOptions::from_probe)
+                .unwrap_or_default()
+        }
     }
 }
 
@@ -167,125 +168,6 @@ pub fn check_body(body: &ClockPut, vcpus: u32) -> Result<(), ClockApiError> {
     }
 }
 
-/// A (host TSC, CLOCK_REALTIME) pair: the narrowest of a few brackets.
-fn realtime_pair() -> (u64, u64) {
-    let mut best = (u64::MAX, 0, 0);
-    for _ in 0..8 {
-        let a = host::read_host_tsc();
-        let rt = host::realtime_now_ns().unwrap_or(0);
-        let b = host::read_host_tsc();
-        let width = b.saturating_sub(a);
-        if width < best.0 {
-            best = (width, a + width / 2, rt);
-        }
-    }
-    (best.1, best.2)
-}
-
-/// The plan the library's apply runs for a PUT body.
-fn plan_for(body: &ClockPut, caps: &Capabilities) -> Plan {
-    let offset0 = body.tsc_offsets.first().copied().unwrap_or(0);
-    // A flat placeholder line for the requests that set no line: apply
-    // needs one, and it is not used for them (see PutOps / one try).
-    let placeholder = Pvti {
-        tsc_timestamp: 0,
-        system_time: 0,
-        tsc_to_system_mul: 1 << 31,
-        tsc_shift: 0,
-        flags: 0,
-    };
-    let kvmclock = match body.kvmclock {
-        Some(KvmClockPut::FollowPvti(f)) => {
-            let pvti = f.pvti();
-            if caps.clock_guest {
-                KvmClockAction::ClockGuest { pvti }
-            } else {
-                let (host_tsc, realtime_ns) = realtime_pair();
-                let realtime = caps.adjust_clock & KVM_CLOCK_REALTIME != 0;
-                let aim = pvclock_read(&pvti, guest_tsc(host_tsc, None, offset0));
-                KvmClockAction::SetClock {
-                    clock_ns: aim,
-                    realtime_ns: if realtime { realtime_ns } else { 0 },
-                    flags: if realtime { KVM_CLOCK_REALTIME } else { 0 },
-                    pvti,
-                    max_error_ns: f.max_error_ns,
-                }
-            }
-        }
-        Some(KvmClockPut::SetClock(s)) => KvmClockAction::SetClock {
-            clock_ns: s.clock,
-            realtime_ns: s.realtime,
-            flags: s.flags,
-            pvti: placeholder,
-            max_error_ns: u64::MAX,
-        },
-        None => KvmClockAction::SetClock {
-            clock_ns: 0,
-            realtime_ns: 0,
-            flags: 0,
-            pvti: placeholder,
-            max_error_ns: u64::MAX,
-        },
-    };
-    Plan {
-        mode: PlanMode::SameHost,
-        policy: ClockPolicy::KeepRunning,
-        tsc_khz: body.tsc_khz,
-        tsc_offsets: body.tsc_offsets.clone(),
-        kvmclock,
-        pvti_source: PvtiSource::Derived,
-        elapsed_ns: 0,
-        tai_skew_ns: 0,
-        advance_cycles: 0,
-        floor_cycles: 0,
-        guest_tsc_at_capture: 0,
-        guest_tsc_target: 0,
-        destination_host_tsc: 0,
-        error_bound: ErrorBound::default(),
-        notes: Vec::new(),
-    }
-}
-
-/// The library's KVM ops, with kvm-clock left alone when the body says
-/// `"kvmclock": null`.
-struct PutOps<'a> {
-    inner: KvmOps<'a, &'a VcpuFd>,
-    leave_clock: bool,
-}
-
-impl ClockOps for PutOps<'_> {
-    fn vcpu_count(&self) -> usize {
-        self.inner.vcpu_count()
-    }
-    fn get_tsc_khz(&mut self, vcpu: usize) -> Result<u32, KvmError> {
-        self.inner.get_tsc_khz(vcpu)
-    }
-    fn set_tsc_khz(&mut self, vcpu: usize, khz: u32) -> Result<(), KvmError> {
-        self.inner.set_tsc_khz(vcpu, khz)
-    }
-    fn get_tsc_offset(&mut self, vcpu: usize) -> Result<i64, KvmError> {
-        self.inner.get_tsc_offset(vcpu)
-    }
-    fn set_tsc_offset(&mut self, vcpu: usize, offset_cycles: i64) -> Result<(), KvmError> {
-        self.inner.set_tsc_offset(vcpu, offset_cycles)
-    }
-    fn get_clock(&mut self) -> Result<KvmClockSample, KvmError> {
-        self.inner.get_clock()
-    }
-    fn set_clock(&mut self, clock_ns: u64, realtime_ns: u64, flags: u32) -> Result<(), KvmError> {
-        if self.leave_clock {
-            return Ok(());
-        }
-        self.inner.set_clock(clock_ns, realtime_ns, flags)
-    }
-    fn set_clock_guest(&mut self, vcpu: usize, pvti: &Pvti) -> Result<(), KvmError> {
-        self.inner.set_clock_guest(vcpu, pvti)
-    }
-    fn kvmclock_ctrl(&mut self, vcpu: usize) -> Result<(), KvmError> {
-        self.inner.kvmclock_ctrl(vcpu)
-    }
-}
-
 fn describe_apply_error(e: &ApplyError) -> String {
     e.to_string()
 }
@@ -295,25 +177,12 @@ fn describe_apply_error(e: &ApplyError) -> String {
 /// the previous offsets back.
 pub fn put(vm: &mut Vm, probed: &ProbedKvm, body: &ClockPut) -> Result<PutReply, ClockApiError> {
     check_put(vm, body)?;
-    let plan = plan_for(body, &probed.caps);
-    let raw = !matches!(body.kvmclock, Some(KvmClockPut::FollowPvti(_)));
-    let options = ApplyOptions {
-        // The raw and null forms make one call (or none) and no correction.
-        max_set_clock_tries: if raw {
-            1
-        } else {
-            ApplyOptions::default().max_set_clock_tries
-        },
-        ..probed.apply_options()
-    };
-    let leave_clock = body.kvmclock.is_none();
-    let result = vm.with_vcpus(|fd, vcpus| {
-        let mut ops = PutOps {
-            inner: KvmOps::new(fd, vcpus),
-            leave_clock,
-        };
-        apply_with(&mut ops, &plan, &options)
-    });
+    // follow_pvti -> CLOCK_GUEST or the calibrated SET_CLOCK, set_clock ->
+    // one raw KVM_SET_CLOCK, null -> no clock call: the library's contract.
+    let request = ApplyRequest::from(body);
+    let options = probed.apply_options();
+    let result =
+        vm.with_vcpus(|fd, vcpus| apply_request(&mut KvmOps::new(fd, vcpus), &request, &options));
     let report = result.map_err(|e| match e {
         ApplyError::VcpuCountMismatch { .. } | ApplyError::InvalidPlan { .. } => {
             ClockApiError::BadRequest(describe_apply_error(&e))
