@@ -23,6 +23,7 @@ pub mod pvclock;
 pub mod report;
 pub mod sidecar;
 pub mod sim;
+pub mod timefmt;
 pub mod vmclock_api;
 
 pub use plan::{plan, Destination, ErrorBound, KvmClockAction, Plan, PlanError, PlanMode};

@@ -94,32 +94,7 @@ pub fn human_ns_signed(ns: i64) -> String {
 /// ns since the Unix epoch as `YYYY-MM-DDTHH:MM:SS.nnnnnnnnnZ` (proleptic
 /// Gregorian, no leap seconds: the form of CLOCK_REALTIME).
 pub fn utc_timestamp(epoch_ns: u64) -> String {
-    let secs = epoch_ns / 1_000_000_000;
-    let nanos = epoch_ns % 1_000_000_000;
-    let days = secs / 86_400;
-    let rem = secs % 86_400;
-    let (y, m, d) = civil_from_days(days);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{nanos:09}Z",
-        rem / 3600,
-        (rem / 60) % 60,
-        rem % 60
-    )
-}
-
-/// Days since 1970-01-01 to (year, month, day); Howard Hinnant's algorithm
-/// on unsigned integers (the input is never before the epoch).
-fn civil_from_days(days: u64) -> (u64, u64, u64) {
-    let z = days + 719_468;
-    let era = z / 146_097;
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + u64::from(m <= 2);
-    (y, m, d)
+    clockcarry::timefmt::rfc3339_ns(epoch_ns)
 }
 
 #[cfg(test)]
