@@ -10,7 +10,7 @@ mod cli_support;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
-use cli_support::{cmd, run, sample_vm, FakeVmm, PutBehavior, TempDir};
+use cli_support::{run, sample_vm, FakeVmm, PutBehavior, TempDir};
 use clockcarry::model::RunState;
 use clockcarry::sidecar::{Sidecar, SidecarKey};
 use serde_json::Value;
@@ -974,13 +974,61 @@ fn libvirt_hook_name_does_not_reach_the_cli() {
     std::fs::create_dir_all(&hooks).expect("mkdir");
     let link = hooks.join("50-clockcarry");
     std::os::unix::fs::symlink(cli_support::BIN, &link).expect("symlink");
-    let out = std::process::Command::new(&link)
+    let out = cli_support::sandbox(&mut std::process::Command::new(&link), dir.path())
         .args(["vm1", "prepare", "begin", "-"])
         .output()
         .expect("run hook");
     assert_eq!(out.status.code(), Some(0));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("libvirt hook"));
-    let _ = cmd(dir.path());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("libvirt hook"), "{stderr}");
+    // What the hook logs (here: no XML on stdin) lands in the sandbox's
+    // state directory, not in the host's /run/clockcarry/libvirt.
+    let log = std::fs::read_to_string(dir.join("run").join("libvirt").join("hook.log"))
+        .expect("the hook logged into $CLOCKCARRY_RUN_DIR/libvirt");
+    assert!(log.contains("no domain XML on stdin"), "{log}");
+}
+
+/// Every `CLOCKCARRY_*` variable the code reads names a path on the host;
+/// each must be pointed into the test's temp dir by `cli_support::sandbox`,
+/// or some test would read or write the real one.
+#[test]
+fn environment_variables_are_all_sandboxed() {
+    fn sources(dir: &Path, out: &mut Vec<std::path::PathBuf>) {
+        for e in std::fs::read_dir(dir).expect("read src") {
+            let p = e.expect("entry").path();
+            if p.is_dir() {
+                sources(&p, out);
+            } else if p.extension().is_some_and(|x| x == "rs") {
+                out.push(p);
+            }
+        }
+    }
+    let mut files = Vec::new();
+    sources(
+        &Path::new(env!("CARGO_MANIFEST_DIR")).join("src"),
+        &mut files,
+    );
+    let mut found = std::collections::BTreeSet::new();
+    for f in &files {
+        let text = std::fs::read_to_string(f).expect("read source");
+        let mut rest = text.as_str();
+        while let Some(at) = rest.find("\"CLOCKCARRY_") {
+            let tail = &rest[at + 1..];
+            let end = tail.find('"').unwrap_or(tail.len());
+            found.insert(tail[..end].to_string());
+            rest = &tail[end..];
+        }
+    }
+    assert!(found.contains("CLOCKCARRY_STATE_DIR"), "{found:?}");
+    let sandboxed: Vec<&str> = cli_support::SANDBOX_ENV.iter().map(|(v, _)| *v).collect();
+    let missing: Vec<&String> = found
+        .iter()
+        .filter(|v| !sandboxed.contains(&v.as_str()))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "read by the code but not sandboxed by the tests: {missing:?}"
+    );
 }
 
 #[test]

@@ -1040,6 +1040,8 @@ mod binary {
             ("started", "begin"),
         ] {
             let mut child = Command::new(&hook)
+                .env("CLOCKCARRY_RUN_DIR", root.join("run"))
+                .env("CLOCKCARRY_LIBVIRT_CONFIG", root.join("absent.conf"))
                 .args(["web-01.prod", op, sub, "-"])
                 .stdin(Stdio::piped())
                 .stdout(Stdio::piped())
@@ -1057,6 +1059,9 @@ mod binary {
             // libvirt reads stdout of migrate/restore begin as new XML.
             assert!(out.stdout.is_empty(), "{op} {sub}: {out:?}");
         }
+        // Not even a state directory (the sandboxed one stands for
+        // /run/clockcarry/libvirt).
+        assert!(!root.join("run").exists());
         let out = Command::new(BIN)
             .args(["libvirt", "uninstall", "--hooks-dir"])
             .arg(&hooks)
@@ -1069,7 +1074,15 @@ mod binary {
 
     #[test]
     fn subcommand_and_hidden_helper_argument() {
-        let run = |args: &[&str]| Command::new(BIN).args(args).output().unwrap();
+        let root = tempdir("helper-arg");
+        let run = |args: &[&str]| {
+            Command::new(BIN)
+                .env("CLOCKCARRY_RUN_DIR", root.join("run"))
+                .env("CLOCKCARRY_LIBVIRT_CONFIG", root.join("absent.conf"))
+                .args(args)
+                .output()
+                .unwrap()
+        };
         let out = run(&["libvirt", "help"]);
         assert_eq!(out.status.code(), Some(0));
         assert!(String::from_utf8_lossy(&out.stdout).contains("install"));
@@ -1083,5 +1096,6 @@ mod binary {
         let out = run(&[clockcarry::libvirt::RESYNC_ARG, "--uuid"]);
         assert_eq!(out.status.code(), Some(2));
         assert!(String::from_utf8_lossy(&out.stderr).contains("resync helper"));
+        let _ = std::fs::remove_dir_all(&root);
     }
 }

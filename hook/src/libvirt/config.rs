@@ -11,6 +11,17 @@ use super::LibvirtError;
 
 /// Default path of the host configuration.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/clockcarry/libvirt.conf";
+/// Environment variable naming another host configuration file.
+pub const CONFIG_ENV: &str = "CLOCKCARRY_LIBVIRT_CONFIG";
+
+/// The host configuration's path: `$CLOCKCARRY_LIBVIRT_CONFIG` when set and
+/// not empty, else [`DEFAULT_CONFIG_PATH`]. As for the default path, a file
+/// that does not exist means all defaults.
+pub fn config_path() -> PathBuf {
+    std::env::var_os(CONFIG_ENV)
+        .filter(|v| !v.is_empty())
+        .map_or_else(|| PathBuf::from(DEFAULT_CONFIG_PATH), PathBuf::from)
+}
 /// Default directory of resync reports.
 pub const DEFAULT_REPORT_DIR: &str = "/var/lib/clockcarry/libvirt/reports";
 /// Default virsh.

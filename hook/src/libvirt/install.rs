@@ -42,7 +42,8 @@ pub struct InstallOptions {
     /// Owner given to the hook (default root, 0:0). `None`: leave as
     /// created (tests as non-root).
     pub owner: Option<(u32, u32)>,
-    /// The host configuration, checked before installing.
+    /// The host configuration, checked before installing. Default
+    /// [`super::config::config_path`].
     pub config_path: PathBuf,
     /// Replace a hook already there that is not an earlier clockcarry.
     pub force: bool,
@@ -55,7 +56,7 @@ impl Default for InstallOptions {
             source: None,
             mode: InstallMode::Copy,
             owner: Some((0, 0)),
-            config_path: PathBuf::from(super::config::DEFAULT_CONFIG_PATH),
+            config_path: super::config::config_path(),
             force: false,
         }
     }

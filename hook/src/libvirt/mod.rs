@@ -107,9 +107,11 @@ pub enum Launcher {
 /// Where the hook finds its configuration and keeps its state.
 #[derive(Clone, Debug)]
 pub struct HookEnv {
-    /// Default [`config::DEFAULT_CONFIG_PATH`].
+    /// Default [`config::config_path`]: `$CLOCKCARRY_LIBVIRT_CONFIG`, else
+    /// [`config::DEFAULT_CONFIG_PATH`].
     pub config_path: PathBuf,
-    /// Default [`state::DEFAULT_STATE_DIR`].
+    /// Default [`state::state_dir`]: `$CLOCKCARRY_RUN_DIR/libvirt`, else
+    /// [`state::DEFAULT_STATE_DIR`].
     pub state_dir: PathBuf,
     /// Where `PID/cmdline` is read; default `/proc`.
     pub proc_root: PathBuf,
@@ -117,16 +119,18 @@ pub struct HookEnv {
 }
 
 impl HookEnv {
-    /// The installed hook's environment: default paths, helper = this
-    /// executable.
+    /// The installed hook's environment: the configuration and state
+    /// paths from [`config::config_path`] and [`state::state_dir`] (the
+    /// defaults unless `CLOCKCARRY_LIBVIRT_CONFIG` / `CLOCKCARRY_RUN_DIR`
+    /// say otherwise), helper = this executable.
     pub fn system() -> HookEnv {
         let launcher = match std::env::current_exe() {
             Ok(exe) => Launcher::Detached { exe },
             Err(e) => Launcher::Disabled(format!("cannot find the running executable: {e}")),
         };
         HookEnv {
-            config_path: PathBuf::from(config::DEFAULT_CONFIG_PATH),
-            state_dir: PathBuf::from(state::DEFAULT_STATE_DIR),
+            config_path: config::config_path(),
+            state_dir: state::state_dir(),
             proc_root: PathBuf::from("/proc"),
             launcher,
         }

@@ -31,6 +31,21 @@ use super::LibvirtError;
 
 /// Default state directory.
 pub const DEFAULT_STATE_DIR: &str = "/run/clockcarry/libvirt";
+/// Environment variable naming clockcarry's per-boot directory (the same
+/// variable the command's host rate cache follows); the hook's state
+/// directory is its `libvirt` subdirectory.
+pub const RUN_DIR_ENV: &str = "CLOCKCARRY_RUN_DIR";
+
+/// The hook's state directory: `$CLOCKCARRY_RUN_DIR/libvirt` when the
+/// variable is set and not empty, else [`DEFAULT_STATE_DIR`]. (libvirt runs
+/// hooks with a minimal environment of its own, so the installed hook
+/// always gets the default; the variable is for tests and by-hand runs.)
+pub fn state_dir() -> PathBuf {
+    match std::env::var_os(RUN_DIR_ENV).filter(|v| !v.is_empty()) {
+        Some(run) => PathBuf::from(run).join("libvirt"),
+        None => PathBuf::from(DEFAULT_STATE_DIR),
+    }
+}
 /// Largest state file read, in bytes.
 pub const MAX_STATE_BYTES: u64 = 64 * 1024;
 /// A pending marker older than this is stale (a restore of a very large

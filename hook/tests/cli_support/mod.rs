@@ -109,14 +109,31 @@ fn finish(out: Output) -> Run {
     }
 }
 
-/// A command for the binary with logs on stderr and a private rate cache
-/// and state directory.
+/// Every environment variable through which the binary finds a path it
+/// reads or writes, and where [`sandbox`] points it under the test's temp
+/// dir. `environment_variables_are_all_sandboxed` (tests/cli.rs) fails when
+/// the code reads a `CLOCKCARRY_*` variable missing here.
+pub const SANDBOX_ENV: &[(&str, &str)] = &[
+    ("CLOCKCARRY_RUN_DIR", "run"),
+    ("CLOCKCARRY_STATE_DIR", "state"),
+    ("CLOCKCARRY_LIBVIRT_CONFIG", "libvirt.conf"),
+];
+
+/// Points every path the binary would otherwise take from the host (the
+/// rate cache, the sidecar state directory, the libvirt hook's state and
+/// configuration) into `env_dir`, so a test never writes (or reads) the
+/// real `/run/clockcarry`, `/var/lib/clockcarry` or `/etc/clockcarry`.
+pub fn sandbox<'a>(c: &'a mut Command, env_dir: &Path) -> &'a mut Command {
+    for (var, name) in SANDBOX_ENV {
+        c.env(var, env_dir.join(name));
+    }
+    c
+}
+
+/// A command for the binary with logs on stderr, sandboxed ([`sandbox`]).
 pub fn cmd(env_dir: &Path) -> Command {
     let mut c = Command::new(BIN);
-    c.env("CLOCKCARRY_RUN_DIR", env_dir.join("run"))
-        .env("CLOCKCARRY_STATE_DIR", env_dir.join("state"))
-        .arg("--log-target")
-        .arg("stderr");
+    sandbox(&mut c, env_dir).arg("--log-target").arg("stderr");
     c
 }
 
