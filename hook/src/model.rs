@@ -253,6 +253,16 @@ pub struct Policy {
     pub rate_tolerance_ppm: u32,
     /// Target for the KVM_SET_CLOCK calibration loop.
     pub max_kvmclock_error_ns: u64,
+    /// Refuse a sidecar the destination VM's own restored state contradicts
+    /// (its kvm-clock line in guest memory, its TSC ahead of anything this
+    /// sidecar allows): another VM's sidecar, or one older than a restore.
+    /// Off only for callers whose destination VM is not a restored one.
+    #[serde(default = "default_true")]
+    pub verify_vm_state: bool,
+}
+
+fn default_true() -> bool {
+    true
 }
 
 impl Default for Policy {
@@ -265,6 +275,7 @@ impl Default for Policy {
             on_failure: OnFailure::Abort,
             rate_tolerance_ppm: 250,
             max_kvmclock_error_ns: 50,
+            verify_vm_state: true,
         }
     }
 }

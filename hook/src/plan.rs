@@ -17,7 +17,7 @@ use crate::model::{
     Capabilities, ClockPolicy, HostIdentity, HostSample, OffsetEstimate, Policy, Pvti, PvtiSource,
     TscScaling, VmClock, KVM_CLOCK_REALTIME,
 };
-use crate::pvclock::{derive_pvti, guest_tsc, ns_to_cycles, pvclock_read, scale_tsc};
+use crate::pvclock::{derive_pvti, guest_tsc, line_at_ns, ns_to_cycles, pvclock_read, scale_tsc};
 use crate::sidecar::{SidecarBody, SidecarError};
 
 /// How far a PVTI derived from a KVM_GET_CLOCK pair is lifted above the
@@ -28,6 +28,22 @@ pub const DERIVED_LINE_LIFT_NS: u64 = 2;
 /// re-anchored (up to 2 ns, as for a derived line) and its realtime catch-up
 /// counts ns while the TSC counts cycles (1 ns), in ns.
 pub const SET_CLOCK_ROUNDING_NS: u64 = 3;
+
+/// How far the kvm-clock line in the destination VM's memory may lie from
+/// the sidecar's line, at the memory line's anchor, for the two to count as
+/// one VM's line: re-anchoring rounds by a few ns, and a master-clock update
+/// between capture and pause re-anchors to CLOCK_MONOTONIC (see
+/// [`VM_LINE_DRIFT_PPM`]). Two VMs' lines lie apart by the difference of
+/// their vCPU-creation delays, typically tens of µs or more.
+pub const VM_LINE_TOLERANCE_NS: u64 = 2_000;
+
+/// The most CLOCK_MONOTONIC can drift from the fixed kvm-clock rate between
+/// two anchors of the line (the kernel's NTP frequency limit, 500 ppm).
+pub const VM_LINE_DRIFT_PPM: u64 = 500;
+
+/// Slack on how far the destination VM's TSC may be ahead of the capture,
+/// beyond the sidecar's age and the TAI error bound, ns.
+pub const VM_STATE_SLACK_NS: u64 = 1_000_000;
 
 /// Everything measured on the destination just before planning.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -141,6 +157,11 @@ pub enum PlanError {
         sidecar: String,
         destination: String,
     },
+    #[error(
+        "{field}: the destination VM's own state contradicts this sidecar: {reason}; it is \
+         another VM's sidecar, or older than the state the VM was restored from"
+    )]
+    NotThisVm { field: &'static str, reason: String },
     #[error("vCPU count: sidecar has {sidecar}, destination VM has {destination}")]
     VcpuCountMismatch { sidecar: usize, destination: usize },
     #[error("{field}: {reason}")]
@@ -216,24 +237,20 @@ pub fn plan(sidecar: &SidecarBody, dst: &Destination, policy: &Policy) -> Result
     if uses_tai {
         check_quality(sidecar, dst, policy)?;
     }
+    // How far the two TAI readings can be from the truth. A capture later
+    // than the destination's clock beyond this is refused in every mode: a
+    // future-dated sidecar would otherwise pass any age limit with age 0.
+    let tai_bound = tai_error_bound(sidecar, dst);
+    let (age_ns, skew_ns) = elapsed(sidecar, dst, tai_bound.total_ns)?;
     let mut bound = if uses_tai {
-        tai_error_bound(sidecar, dst)
+        tai_bound
     } else {
         ErrorBound::default()
     };
-    let (elapsed_ns, tai_skew_ns) = if uses_tai {
-        elapsed(sidecar, dst, bound.total_ns)?
-    } else {
-        (0, 0)
-    };
+    let (elapsed_ns, tai_skew_ns) = if uses_tai { (age_ns, skew_ns) } else { (0, 0) };
     if let Some(max_ns) = policy.max_elapsed_ns {
         // A sidecar's age limit holds in every mode, even where the plan
         // itself does not use the elapsed time.
-        let age_ns = if uses_tai {
-            elapsed_ns
-        } else {
-            dst.sample.tai_ns.saturating_sub(sidecar.capture.tai_ns)
-        };
         if age_ns > max_ns {
             return Err(PlanError::ElapsedTooLong {
                 elapsed_ns: age_ns,
@@ -270,34 +287,74 @@ pub fn plan(sidecar: &SidecarBody, dst: &Destination, policy: &Policy) -> Result
     })?;
     let guest_tsc_at_capture = s_src.wrapping_add(first_offset as u64);
 
-    let (tsc_offsets, advance_cycles, floor_cycles) =
-        if mode == PlanMode::SameHost && policy.clock == ClockPolicy::KeepRunning {
-            // Same host, same boot: the offsets are still right, bit for bit.
-            let advance = s_dst.wrapping_sub(s_src);
-            (src_offsets, advance, 0)
-        } else {
-            let base_advance = if policy.clock == ClockPolicy::KeepRunning {
-                ns_to_cycles(elapsed_ns, guest_khz)
-            } else {
-                0
-            };
-            let floor = floor_cycles(&src_offsets, s_src, &dst.vm.offsets(), s_dst, base_advance);
-            if floor > 0 {
-                notes.push(format!(
-                    "advanced a further {floor} cycles so no vCPU reads below the destination \
-                     VM's current TSC"
-                ));
-            }
-            let advance = base_advance.checked_add(floor).ok_or(PlanError::Overflow {
-                what: "advance_cycles",
-            })?;
-            let delta = s_src.wrapping_add(advance).wrapping_sub(s_dst);
-            let offsets = src_offsets
-                .iter()
-                .map(|off| (*off as u64).wrapping_add(delta) as i64)
-                .collect();
-            (offsets, advance, floor)
-        };
+    if policy.verify_vm_state {
+        let window_ns = age_ns
+            .saturating_add(tai_bound.total_ns)
+            .saturating_add(rate_error_ns(sidecar, age_ns))
+            .saturating_add(VM_STATE_SLACK_NS);
+        check_vm_state(
+            &source_pvti,
+            guest_tsc_at_capture,
+            dst,
+            s_dst,
+            window_ns,
+            guest_khz,
+        )?;
+    }
+
+    // Same host, same boot, keep-running: the captured offsets are still
+    // right, bit for bit (advance = the host TSC's own progress). Otherwise
+    // one delta for every vCPU from the elapsed time (0 under freeze).
+    let copy = mode == PlanMode::SameHost && policy.clock == ClockPolicy::KeepRunning;
+    let base_advance = if copy {
+        s_dst.wrapping_sub(s_src)
+    } else if policy.clock == ClockPolicy::KeepRunning {
+        ns_to_cycles(elapsed_ns, guest_khz)
+    } else {
+        0
+    };
+    // Nothing goes backwards, in every mode: no vCPU below the TSC the
+    // destination VM holds now (the last value its guest can have seen)...
+    let mut floor = floor_cycles(&src_offsets, s_src, &dst.vm.offsets(), s_dst, base_advance);
+    // ...and kvm-clock at the new TSC not below what the VM's own line (the
+    // PVTI in its memory) gives at that held TSC.
+    let held_first = dst.vm.offsets().first().copied().unwrap_or(first_offset);
+    let held_tsc = s_dst.wrapping_add(held_first as u64);
+    let target_with = |floor: u64| {
+        s_src
+            .wrapping_add(base_advance)
+            .wrapping_add(floor)
+            .wrapping_add(first_offset as u64)
+    };
+    if let Some(held_ns) = held_kvmclock_ns(dst, held_tsc) {
+        let planned_ns = line_at_ns(&source_pvti, target_with(floor));
+        if planned_ns < held_ns {
+            // The lines agree to VM_LINE_TOLERANCE_NS (check_vm_state), so
+            // this is a few µs of cycles at most; one more cycle for rounding.
+            let short_ns = u64::try_from(held_ns - planned_ns).unwrap_or(u64::MAX);
+            let extra = ns_to_cycles_ceil(short_ns, guest_khz).saturating_add(1);
+            floor = floor.saturating_add(extra);
+        }
+    }
+    if floor > 0 {
+        notes.push(format!(
+            "advanced a further {floor} cycles so no vCPU reads below the TSC and kvm-clock the \
+             destination VM holds"
+        ));
+    }
+    let advance_cycles = if copy {
+        base_advance.wrapping_add(floor)
+    } else {
+        base_advance.checked_add(floor).ok_or(PlanError::Overflow {
+            what: "advance_cycles",
+        })?
+    };
+    let delta = s_src.wrapping_add(advance_cycles).wrapping_sub(s_dst);
+    let tsc_offsets: Vec<i64> = src_offsets
+        .iter()
+        .map(|off| (*off as u64).wrapping_add(delta) as i64)
+        .collect();
+    let floor_cycles = floor;
 
     let new_first = tsc_offsets.first().copied().unwrap_or(first_offset);
     let guest_tsc_target = guest_tsc(dst.sample.host_tsc, dst_scaling, new_first);
@@ -336,6 +393,90 @@ pub fn plan(sidecar: &SidecarBody, dst: &Destination, policy: &Policy) -> Result
         error_bound: bound,
         notes,
     })
+}
+
+/// kvm-clock on the destination VM's own line (the PVTI in its memory, what
+/// its guest last used) at guest TSC `held_tsc`; `None` when the VMM did not
+/// read the line from guest memory.
+fn held_kvmclock_ns(dst: &Destination, held_tsc: u64) -> Option<i128> {
+    match (dst.vm.pvti, dst.vm.pvti_source) {
+        (Some(pvti), Some(PvtiSource::GuestMemory)) if pvti.tsc_to_system_mul != 0 => {
+            Some(line_at_ns(&pvti, held_tsc))
+        }
+        _ => None,
+    }
+}
+
+/// The restored VM's own state must be one this sidecar can precede:
+///
+/// - the kvm-clock line in its memory (what its guest last used, loaded
+///   with its state) is the sidecar's line: same scale, and the sidecar's
+///   line passes the memory line's anchor within [`VM_LINE_TOLERANCE_NS`]
+///   plus [`VM_LINE_DRIFT_PPM`] of the time between the two anchors;
+/// - its TSC is not ahead of the capture by more than `window_ns` (the
+///   sidecar's age, the TAI error bound and slack) at the guest rate: a VM
+///   restored from a state saved after this capture holds at most the
+///   capture value plus the time between capture and pause.
+fn check_vm_state(
+    source_pvti: &Pvti,
+    guest_tsc_at_capture: u64,
+    dst: &Destination,
+    s_dst: u64,
+    window_ns: u64,
+    guest_khz: u32,
+) -> Result<(), PlanError> {
+    if let (Some(mem), Some(PvtiSource::GuestMemory)) = (dst.vm.pvti, dst.vm.pvti_source) {
+        if dst.vm.tsc_khz == guest_khz
+            && (mem.tsc_to_system_mul != source_pvti.tsc_to_system_mul
+                || mem.tsc_shift != source_pvti.tsc_shift)
+        {
+            return Err(PlanError::NotThisVm {
+                field: "vm_clock.pvti",
+                reason: format!(
+                    "the kvm-clock scale in the VM's memory (mul {}, shift {}) differs from the \
+                     sidecar's (mul {}, shift {}) at the same TSC rate",
+                    mem.tsc_to_system_mul,
+                    mem.tsc_shift,
+                    source_pvti.tsc_to_system_mul,
+                    source_pvti.tsc_shift
+                ),
+            });
+        }
+        let apart_ns = line_at_ns(source_pvti, mem.tsc_timestamp) - i128::from(mem.system_time);
+        let anchors_apart_cycles = mem.tsc_timestamp.abs_diff(source_pvti.tsc_timestamp);
+        let anchors_apart_ns =
+            crate::pvclock::cycles_to_ns(anchors_apart_cycles, guest_khz).unwrap_or(u64::MAX);
+        let drift_ns =
+            u64::try_from(u128::from(anchors_apart_ns) * u128::from(VM_LINE_DRIFT_PPM) / 1_000_000)
+                .unwrap_or(u64::MAX);
+        let tolerance_ns = VM_LINE_TOLERANCE_NS.saturating_add(drift_ns);
+        if apart_ns.unsigned_abs() > u128::from(tolerance_ns) {
+            return Err(PlanError::NotThisVm {
+                field: "vm_clock.pvti",
+                reason: format!(
+                    "the kvm-clock line in the VM's memory lies {apart_ns} ns from the \
+                     sidecar's (tolerance {tolerance_ns} ns): the VM never ran on this line"
+                ),
+            });
+        }
+    }
+    let held_first = dst.vm.offsets().first().copied().unwrap_or(0);
+    let held_tsc = s_dst.wrapping_add(held_first as u64);
+    // Signed distance on the 2^64 circle: positive = the VM is ahead.
+    let ahead_cycles = held_tsc.wrapping_sub(guest_tsc_at_capture) as i64;
+    let allowed_cycles = ns_to_cycles_ceil(window_ns, guest_khz);
+    if let Ok(ahead) = u64::try_from(ahead_cycles) {
+        if ahead > allowed_cycles {
+            return Err(PlanError::NotThisVm {
+                field: "vm_clock.vcpus[0].tsc_offset",
+                reason: format!(
+                    "the VM's TSC is {ahead} cycles past the capture, more than the {allowed_cycles} \
+                     cycles ({window_ns} ns) since capture that the sidecar allows"
+                ),
+            });
+        }
+    }
+    Ok(())
 }
 
 fn check_destination(sidecar: &SidecarBody, dst: &Destination) -> Result<(), PlanError> {

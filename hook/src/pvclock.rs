@@ -22,6 +22,21 @@ pub fn pvclock_read(pvti: &Pvti, tsc_cycles: u64) -> u64 {
         .wrapping_add(scale_delta(delta, pvti.tsc_to_system_mul, pvti.tsc_shift))
 }
 
+/// The line through `pvti` at `tsc_cycles`, on both sides of its anchor:
+/// what [`pvclock_read`] gives at or past `tsc_timestamp`, and the line
+/// extended backwards below it (where the guest's formula would wrap). For
+/// comparing lines and placing floors, not for what a guest reads.
+pub fn line_at_ns(pvti: &Pvti, tsc_cycles: u64) -> i128 {
+    let base = i128::from(pvti.system_time);
+    if tsc_cycles >= pvti.tsc_timestamp {
+        let delta = tsc_cycles - pvti.tsc_timestamp;
+        base + i128::from(scale_delta(delta, pvti.tsc_to_system_mul, pvti.tsc_shift))
+    } else {
+        let delta = pvti.tsc_timestamp - tsc_cycles;
+        base - i128::from(scale_delta(delta, pvti.tsc_to_system_mul, pvti.tsc_shift))
+    }
+}
+
 /// `pvclock_scale_delta`: shift, then `(delta * mul) >> 32`.
 pub fn scale_delta(delta_cycles: u64, mul: u32, shift: i8) -> u64 {
     let shifted = if shift >= 0 {

@@ -103,6 +103,7 @@ pub fn plan_exit(err: &PlanError) -> Exit {
     match err {
         PlanError::Sidecar(_)
         | PlanError::VmMismatch { .. }
+        | PlanError::NotThisVm { .. }
         | PlanError::VcpuCountMismatch { .. }
         | PlanError::BadInput { .. }
         | PlanError::Overflow { .. } => Exit::BadInput,
@@ -114,6 +115,10 @@ pub fn plan_exit(err: &PlanError) -> Exit {
 pub fn plan_hint(err: &PlanError) -> Option<&'static str> {
     match err {
         PlanError::VmMismatch { .. } => Some("this sidecar belongs to another VM: give the right -i"),
+        PlanError::NotThisVm { .. } => Some(
+            "give the sidecar captured from this VM after the state it was restored from; if you \
+             are certain it is, --skip-vm-check plans without this check",
+        ),
         PlanError::VcpuCountMismatch { .. } => {
             Some("this sidecar was captured from a VM with another vCPU count: give the right -i")
         }

@@ -406,7 +406,14 @@ fn restore_clockcarry(
         vm_id: None,
         offset_estimate: None,
     };
-    let plan = plan(&src.sidecar, &dst, &Policy::default()).map_err(|e| format!("plan: {e}"))?;
+    // The destination is a fresh VM that ran once, not one restored from the
+    // source's state: its memory holds its own kvm-clock line, not the
+    // source's, so the restored-state check does not apply.
+    let policy = Policy {
+        verify_vm_state: false,
+        ..Policy::default()
+    };
+    let plan = plan(&src.sidecar, &dst, &policy).map_err(|e| format!("plan: {e}"))?;
     let report = apply_with(
         &mut KvmOps::new(&b.vm, &b.vcpus),
         &plan,
