@@ -17,6 +17,10 @@ use crate::sidecar::SidecarBody;
 pub enum Outcome {
     /// The plan was applied and verified.
     Applied,
+    /// Applied and verified, but kvm-clock landed further from the source
+    /// line than the target (`--max-kvmclock-error`); the reported bound
+    /// includes what was reached.
+    AppliedDegraded,
     /// `--dry-run`: planned, nothing sent.
     DryRun,
     /// Refused before anything was sent (policy, input or VMM state).
@@ -27,6 +31,8 @@ pub enum Outcome {
     RolledBack,
     /// Nobody knows what the VM's clock is now.
     Unknown,
+    /// Another clockcarry operation on the VM held its lock; nothing sent.
+    Busy,
 }
 
 /// One vCPU's TSC offset: captured, found on the destination, written.
@@ -137,6 +143,11 @@ pub struct KvmClockReport {
     /// kvm-clock minus the line, from the verification `GET`'s
     /// (clock, host_tsc) pair and the offsets read back, ns.
     pub verified_error_ns: Option<i64>,
+    /// The error reached is within `max_error_ns` (`None`: not measured).
+    pub within_target: Option<bool>,
+    /// The bound that holds after the apply: the a-priori bound, widened to
+    /// what was reached when that is larger, ns.
+    pub bound_ns: u64,
 }
 
 impl KvmClockReport {
@@ -154,7 +165,22 @@ impl KvmClockReport {
             vmm_method: None,
             vmm_error_ns: None,
             verified_error_ns: None,
+            within_target: None,
+            bound_ns: plan.error_bound.kvmclock_ns,
         }
+    }
+
+    /// Records the error reached (the verified one, else the VMM's) and
+    /// widens the bound to it: a bound the apply broke is never reported.
+    /// Returns the error reached when it misses the target.
+    pub fn settle(&mut self) -> Option<i64> {
+        let reached = self.verified_error_ns.or(self.vmm_error_ns)?;
+        // The verification pair is exact; one more ns for the guest's rounding.
+        let held_ns = reached.unsigned_abs().saturating_add(1);
+        self.bound_ns = self.a_priori_bound_ns.max(held_ns);
+        let within = reached.unsigned_abs() <= self.max_error_ns.max(1);
+        self.within_target = Some(within);
+        (!within).then_some(reached)
     }
 }
 

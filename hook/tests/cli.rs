@@ -374,6 +374,11 @@ fn permission_denied_is_named() {
         println!("SKIP: the test binary is not executable by nobody");
         return;
     }
+    // nobody's own run directory, so that the per-VM lock can be taken and
+    // the socket's permission is what fails.
+    let run_nobody = dir.join("run-nobody");
+    std::fs::create_dir(&run_nobody).expect("mkdir run-nobody");
+    std::os::unix::fs::chown(&run_nobody, Some(65534), Some(65534)).expect("chown run-nobody");
     let out = std::process::Command::new(setpriv)
         .args([
             "--reuid=65534",
@@ -410,10 +415,13 @@ fn unsafe_geteuid() -> u32 {
 fn restore_same_host_copies_the_offsets_and_verifies() {
     let s = setup("restore-ok");
     let captured = s.vmm.offsets();
-    // The restored VM starts elsewhere (as a stock VMM would put it).
+    // The restored VM's TSC stands where a stock VMM puts it: at its value
+    // when the VM paused, here 1 s of cycles behind where it would be had
+    // it kept running.
+    let frozen = captured[0] - i64::from(cli_support::host_khz()) * 1000;
     s.vmm.with(|st| {
         for v in &mut st.vm.vcpus {
-            v.tsc_offset = 12345;
+            v.tsc_offset = frozen;
         }
     });
     let r = restore(&s, &["--json", "--vm", "vm1"]);
@@ -425,7 +433,7 @@ fn restore_same_host_copies_the_offsets_and_verifies() {
     assert_eq!(j["vm_untouched"], false);
     assert_eq!(j["verification"]["offsets_match"], true);
     assert_eq!(j["vcpus"].as_array().map(Vec::len), Some(2));
-    assert_eq!(j["vcpus"][0]["destination_offset"], 12345);
+    assert_eq!(j["vcpus"][0]["destination_offset"], frozen);
     assert!(j["timings"]["to_put_answered_ns"].as_u64().unwrap_or(0) > 0);
     assert!(j["kvmclock"]["verified_error_ns"].is_i64());
     // One PUT with the captured offsets and a follow_pvti line.
@@ -723,9 +731,10 @@ fn restore_when_the_vmm_fails_and_rolls_back() {
 #[test]
 fn restore_rolls_back_a_wrong_read_back() {
     let s = setup("wrong");
+    let frozen = s.vmm.offsets()[0] - i64::from(cli_support::host_khz()) * 1000;
     s.vmm.with(|st| {
         for v in &mut st.vm.vcpus {
-            v.tsc_offset = 777;
+            v.tsc_offset = frozen;
         }
         st.put = PutBehavior::ApplyWrongOnce;
     });
@@ -735,9 +744,9 @@ fn restore_rolls_back_a_wrong_read_back() {
         .stderr_has("written back");
     assert_eq!(s.vmm.puts(), 2, "the apply and the rollback");
     let undo = s.vmm.with(|st| st.put_bodies[1].clone());
-    assert_eq!(undo["tsc_offsets"], serde_json::json!([777, 777]));
+    assert_eq!(undo["tsc_offsets"], serde_json::json!([frozen, frozen]));
     assert!(undo["kvmclock"].is_null());
-    assert_eq!(s.vmm.offsets(), vec![777, 777]);
+    assert_eq!(s.vmm.offsets(), vec![frozen, frozen]);
 }
 
 #[test]

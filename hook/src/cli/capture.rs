@@ -107,6 +107,9 @@ pub fn run(args: &CaptureArgs) -> CliResult<Exit> {
     };
     let key = common::load_key(args.key.as_deref())?;
 
+    // Not while a restore of the same VM is under way: its half-applied
+    // state is nothing to carry. Held until this process exits.
+    let _lock = super::lock::lock_vm(&args.api.api_socket, "capture")?;
     let client = args.api.client();
     let vm_clock = client.get_vm_clock().map_err(|e| api_error(&e))?;
     let (identity, rate) = hostinfo::identity(args.host_tsc_khz)?;

@@ -31,6 +31,12 @@ pub enum Exit {
     Unknown = 6,
     /// `check`: the host is not ready (at least one check failed).
     NotReady = 7,
+    /// Another clockcarry operation on the same VM holds its lock; nothing
+    /// was sent to the VM. Retry once that one has finished.
+    Busy = 8,
+    /// `restore --enforce-kvmclock-error`: applied and verified, but
+    /// kvm-clock missed the target; resuming is safe.
+    Degraded = 9,
 }
 
 impl Exit {
@@ -49,6 +55,8 @@ impl Exit {
             Exit::RolledBack => "rolled_back",
             Exit::Unknown => "unknown_state",
             Exit::NotReady => "not_ready",
+            Exit::Busy => "busy",
+            Exit::Degraded => "applied_degraded",
         }
     }
 }
@@ -71,7 +79,11 @@ EXIT STATUS
        refused the request; the VM was not changed
     5  apply failed and was rolled back: the previous offsets are in place
     6  apply outcome unknown: do not resume the VM
-    7  check: the host is not ready";
+    7  check: the host is not ready
+    8  busy: another capture or restore of this VM is running; nothing was
+       sent to the VM
+    9  restore --enforce-kvmclock-error: applied, but kvm-clock missed the
+       target (precision degraded); resuming is safe";
 
 /// A failure of a subcommand: the exit status and what to tell the operator.
 #[derive(Debug)]

@@ -8,6 +8,7 @@ mod common;
 mod exit;
 mod hostinfo;
 mod inspect;
+mod lock;
 mod logger;
 mod offline;
 mod restore;
@@ -184,6 +185,11 @@ pub struct PolicyArgs {
     /// VMM's default clock handling stays in effect (resume is safe).
     #[arg(long, value_enum, default_value_t = OnFailureArg::Abort, value_name = "WHAT")]
     pub on_failure: OnFailureArg,
+    /// Plan without checking the sidecar against the VM's own restored
+    /// state (its kvm-clock line in memory, its TSC): only for a sidecar you
+    /// know is this VM's, on a VMM that does not load the VM's state.
+    #[arg(long)]
+    pub skip_vm_check: bool,
 }
 
 impl PolicyArgs {
@@ -202,6 +208,7 @@ impl PolicyArgs {
                 OnFailureArg::VmmDefault => OnFailure::VmmDefault,
             },
             max_kvmclock_error_ns: self.max_kvmclock_error,
+            verify_vm_state: !self.skip_vm_check,
             ..Policy::default()
         }
     }

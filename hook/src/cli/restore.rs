@@ -21,6 +21,7 @@ use clockcarry::sidecar::Sidecar;
 use super::common::{self, api_error, plan_error, print_json, print_text};
 use super::exit::{CliError, CliResult, Exit, EXIT_STATUS_HELP};
 use super::hostinfo;
+use super::lock;
 use super::units::{human_ns, human_ns_signed};
 use super::{ApiArgs, PolicyArgs};
 
@@ -90,6 +91,11 @@ pub struct RestoreArgs {
     /// Plan and report, send nothing.
     #[arg(long)]
     pub dry_run: bool,
+    /// Exit 9 (applied, precision degraded) when kvm-clock lands further
+    /// from the source line than --max-kvmclock-error; without it such a run
+    /// exits 0 with outcome `applied_degraded` and a warning.
+    #[arg(long)]
+    pub enforce_kvmclock_error: bool,
     /// Print the report as JSON on stdout (also on failure).
     #[arg(long)]
     pub json: bool,
@@ -109,6 +115,15 @@ fn monotonic_raw() -> u64 {
 /// What the operator should do after a failure with `exit`.
 fn advice(exit: Exit, on_failure: OnFailure, vm: &str) -> String {
     match (exit, on_failure) {
+        (Exit::Busy, _) => format!(
+            "this run sent nothing to {vm}: another capture or restore of it is running; wait \
+             for that one and act on its result (rerun only if it failed)"
+        ),
+        (Exit::Degraded, _) => format!(
+            "the clock of {vm} was applied and verified, but kvm-clock missed the \
+             --max-kvmclock-error target; resuming is safe (the report's bound includes the \
+             error reached), or restore the VM state again and rerun for a better result"
+        ),
         (Exit::Unknown, _) => format!(
             "do NOT resume {vm}: its clock state is unknown; read it with GET /api/v1/vm.clock, \
              then restore the VM state again and rerun clockcarry restore"
@@ -139,6 +154,8 @@ fn outcome_of(exit: Exit) -> Outcome {
         Exit::Vmm => Outcome::VmmError,
         Exit::RolledBack => Outcome::RolledBack,
         Exit::Unknown => Outcome::Unknown,
+        Exit::Busy => Outcome::Busy,
+        Exit::Degraded => Outcome::AppliedDegraded,
         _ => Outcome::Refused,
     }
 }
@@ -254,6 +271,14 @@ impl Restore<'_> {
         self.rep.vm_id = Some(body.vm.id.clone());
         self.rep.timings.read_sidecar_ns = ns_since(t);
 
+        // One restore (or capture) per VM at a time, held until this process
+        // exits: a second one must not undo what this one applies. A dry run
+        // sends nothing and needs none.
+        let _lock = if args.dry_run {
+            None
+        } else {
+            Some(lock::lock_vm(&args.api.api_socket, "restore")?)
+        };
         let t = Instant::now();
         let client = args.api.client();
         let before = client.get_vm_clock().map_err(|e| api_error(&e))?;
@@ -294,22 +319,6 @@ impl Restore<'_> {
         let plan = planned.map_err(|e| plan_error(&e))?;
         self.rep.timings.plan_ns = ns_since(t);
         let summary = PlanSummary::new(body, &dst, &plan);
-        // The planner checks the age only when it uses TAI (cross-host,
-        // keep-running); the operator's limit holds in every mode.
-        if let Some(max_ns) = self.policy.max_elapsed_ns {
-            if summary.sidecar_age_ns > max_ns {
-                return Err(CliError::new(
-                    Exit::Refused,
-                    format!(
-                        "refused: the sidecar is {} old (TAI time since capture), more than \
-                         --max-elapsed {}",
-                        human_ns(summary.sidecar_age_ns),
-                        human_ns(max_ns)
-                    ),
-                )
-                .with_hint("capture again, or raise --max-elapsed"));
-            }
-        }
         self.rep.vcpus = report::corrections(body, &before, &plan);
         self.rep.kvmclock = Some(KvmClockReport::new(
             &plan,
@@ -388,17 +397,31 @@ impl Restore<'_> {
         if !ok {
             return Err(self.roll_back(client, before, plan, &mismatched));
         }
-        if let Some(k) = &self.rep.kvmclock {
-            if let Some(err) = k.verified_error_ns.or(k.vmm_error_ns) {
-                if err.unsigned_abs() > k.max_error_ns.max(1) {
-                    let text = format!(
-                        "kvm-clock is {} off the source line (target {})",
-                        human_ns_signed(err),
-                        human_ns(k.max_error_ns)
-                    );
-                    self.warn(text);
-                }
+        let missed = self.rep.kvmclock.as_mut().and_then(KvmClockReport::settle);
+        if let (Some(k), Some(summary)) = (&self.rep.kvmclock, self.rep.summary.as_mut()) {
+            // The summary's bound is the one scripts read: it must hold.
+            summary.error_bound.kvmclock_ns = k.bound_ns;
+        }
+        if let (Some(err), Some(k)) = (missed, self.rep.kvmclock.clone()) {
+            let text = format!(
+                "PRECISION DEGRADED: kvm-clock is {} off the source line (target {}); the \
+                 kvm-clock bound reported is {}",
+                human_ns_signed(err),
+                human_ns(k.max_error_ns),
+                human_ns(k.bound_ns)
+            );
+            self.warn(text.clone());
+            if self.args.enforce_kvmclock_error {
+                self.rep.vm_untouched = Some(false);
+                return Err(CliError::new(Exit::Degraded, text));
             }
+            self.rep.outcome = Outcome::AppliedDegraded;
+            log::info!(
+                "restored VM {} ({:?}) with kvm-clock precision degraded",
+                self.rep.vm_id.as_deref().unwrap_or("?"),
+                plan.mode
+            );
+            return Ok(());
         }
         self.rep.outcome = Outcome::Applied;
         log::info!(
@@ -559,6 +582,9 @@ pub fn human(rep: &RestoreReport) -> String {
     let vm = rep.vm_id.as_deref().unwrap_or("?");
     let head = match rep.outcome {
         Outcome::Applied => format!("restored the clock of VM {vm}"),
+        Outcome::AppliedDegraded => {
+            format!("restored the clock of VM {vm}, kvm-clock precision DEGRADED")
+        }
         Outcome::DryRun => format!("dry run for VM {vm}: planned, nothing sent"),
         _ => format!("VM {vm}: NOT restored"),
     };

@@ -182,6 +182,9 @@ pub struct FakeState {
     pub gets: u32,
     /// A fixed GET body instead of the VM (to test answer checking).
     pub get_override: Option<(u16, String)>,
+    /// How far above (+) or below (-) the asked line a `follow_pvti` lands,
+    /// ns, as a VMM whose calibration loop missed its target.
+    pub kvmclock_miss_ns: i64,
 }
 
 pub struct FakeVmm {
@@ -284,7 +287,11 @@ impl FakeState {
             let g = |k: &str| f.get(k).and_then(Value::as_i64).unwrap_or(0);
             self.line = Some(Pvti {
                 tsc_timestamp: f.get("tsc_timestamp").and_then(Value::as_u64).unwrap_or(0),
-                system_time: f.get("system_time").and_then(Value::as_u64).unwrap_or(0),
+                system_time: f
+                    .get("system_time")
+                    .and_then(Value::as_u64)
+                    .unwrap_or(0)
+                    .wrapping_add_signed(self.kvmclock_miss_ns),
                 tsc_to_system_mul: u32::try_from(g("tsc_to_system_mul")).unwrap_or(1),
                 tsc_shift: i8::try_from(g("tsc_shift")).unwrap_or(0),
                 flags: u8::try_from(g("flags")).unwrap_or(0),
@@ -293,7 +300,7 @@ impl FakeState {
         Ok(json!({
             "kvmclock_request": if follow.is_some() { "follow_pvti" } else { "none" },
             "kvmclock_method": if follow.is_some() { "set_clock" } else { "none" },
-            "kvmclock_error_ns": if follow.is_some() { json!(0) } else { Value::Null },
+            "kvmclock_error_ns": if follow.is_some() { json!(self.kvmclock_miss_ns) } else { Value::Null },
             "kvmclock_tries": 1,
             "tsc_khz_set": body.get("tsc_khz").cloned().unwrap_or(Value::Null),
             "tsc_offsets_applied": offsets,
@@ -445,6 +452,7 @@ impl FakeVmm {
             put_bodies: Vec::new(),
             gets: 0,
             get_override: None,
+            kvmclock_miss_ns: 0,
         }));
         let stop = Arc::new(AtomicBool::new(false));
         let (st, sp) = (Arc::clone(&state), Arc::clone(&stop));
