@@ -14,7 +14,8 @@
 //! [`SidecarBody::validate`]. No input panics.
 //!
 //! Files are written with [`write_atomic`] (temp file, fsync, rename, fsync
-//! of the directory; mode 0600) and read with [`read_bounded`].
+//! of the directory; mode 0600; only ever replacing a regular file) and
+//! read with [`read_bounded`].
 //!
 //! The format is documented in `docs/sidecar.md`; the JSON Schema lives in
 //! `hook/schema/sidecar-v1.schema.json`.
@@ -124,6 +125,12 @@ pub enum SidecarError {
     KeyIdMismatch { file: String, configured: String },
     #[error("sidecar key: {0}")]
     Key(String),
+    #[error("{} is {kind}, not a regular file: refusing to replace it", path.display())]
+    NotRegularFile {
+        path: PathBuf,
+        /// What is there: "a directory", "a symbolic link", "a FIFO", ...
+        kind: &'static str,
+    },
 }
 
 /// Equality for tests and for errors that embed this one: an `Io` error
@@ -191,6 +198,9 @@ impl PartialEq for SidecarError {
                 },
             ) => a == b && x == y,
             (E::Key(a), E::Key(b)) => a == b,
+            (E::NotRegularFile { path: a, kind: x }, E::NotRegularFile { path: b, kind: y }) => {
+                a == b && x == y
+            }
             _ => false,
         }
     }
@@ -215,7 +225,8 @@ impl SidecarError {
             | SidecarError::TooLarge { .. }
             | SidecarError::Truncated
             | SidecarError::NotJson { .. }
-            | SidecarError::Key(_) => None,
+            | SidecarError::Key(_)
+            | SidecarError::NotRegularFile { .. } => None,
         }
     }
 
@@ -997,6 +1008,47 @@ pub fn read_bounded(path: &Path) -> Result<Vec<u8>> {
     Ok(bytes)
 }
 
+/// What a file type is, for messages: "a regular file", "a directory", "a
+/// symbolic link", "a FIFO", "a socket", "a character device", "a block
+/// device".
+pub fn file_kind(ft: &std::fs::FileType) -> &'static str {
+    use std::os::unix::fs::FileTypeExt;
+    if ft.is_file() {
+        "a regular file"
+    } else if ft.is_dir() {
+        "a directory"
+    } else if ft.is_symlink() {
+        "a symbolic link"
+    } else if ft.is_fifo() {
+        "a FIFO"
+    } else if ft.is_socket() {
+        "a socket"
+    } else if ft.is_char_device() {
+        "a character device"
+    } else if ft.is_block_device() {
+        "a block device"
+    } else {
+        "a file of unknown type"
+    }
+}
+
+/// Whether an atomic write may put a file at `path`: nothing is there, or
+/// a regular file is. Anything else (a directory, a device such as
+/// `/dev/full`, a FIFO, a socket, a symbolic link, dangling or not: the
+/// path is examined with `lstat`, never followed) is
+/// [`SidecarError::NotRegularFile`], since a rename would replace it.
+pub fn check_replaceable(path: &Path) -> Result<()> {
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if meta.file_type().is_file() => Ok(()),
+        Ok(meta) => Err(SidecarError::NotRegularFile {
+            path: path.to_path_buf(),
+            kind: file_kind(&meta.file_type()),
+        }),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(SidecarError::io(path, e)),
+    }
+}
+
 static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
 /// Temp names tried before giving up (each collision is a leftover file).
 const TEMP_ATTEMPTS: u32 = 64;
@@ -1004,7 +1056,9 @@ const TEMP_ATTEMPTS: u32 = 64;
 /// The first stage of an atomic write: the new content, complete and
 /// fsynced, in a temp file next to the target. [`StagedFile::commit`]
 /// renames it over the target; dropping it uncommitted removes it, and a
-/// crash before the commit leaves the target as it was.
+/// crash before the commit leaves the target as it was. Only a missing
+/// target or a regular file is ever replaced ([`check_replaceable`], at
+/// both stages).
 #[derive(Debug)]
 pub struct StagedFile {
     temp: PathBuf,
@@ -1016,7 +1070,9 @@ pub struct StagedFile {
 impl StagedFile {
     /// Creates `.<filename>.tmp-<pid>-<counter>` in the target's directory
     /// (O_CREAT|O_EXCL, mode 0600; an existing name is skipped, never
-    /// overwritten), writes `bytes` and fsyncs it.
+    /// overwritten), writes `bytes` and fsyncs it. Refuses first, with
+    /// [`SidecarError::NotRegularFile`], a target that exists and is not a
+    /// regular file.
     pub fn create(path: &Path, bytes: &[u8]) -> Result<StagedFile> {
         let name = path.file_name().ok_or_else(|| {
             SidecarError::io(
@@ -1024,6 +1080,7 @@ impl StagedFile {
                 io::Error::new(io::ErrorKind::InvalidInput, "the path names no file"),
             )
         })?;
+        check_replaceable(path)?;
         let dir = match path.parent() {
             Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
             _ => PathBuf::from("."),
@@ -1085,8 +1142,12 @@ impl StagedFile {
     }
 
     /// Renames the temp file over the target, then fsyncs the directory so
-    /// the rename itself is durable.
+    /// the rename itself is durable. The target is checked again first
+    /// ([`check_replaceable`]): something that appeared there since
+    /// [`StagedFile::create`] and is not a regular file is left alone (the
+    /// temp file is removed).
     pub fn commit(mut self) -> Result<()> {
+        check_replaceable(&self.target)?;
         std::fs::rename(&self.temp, &self.target).map_err(|e| SidecarError::io(&self.target, e))?;
         self.committed = true;
         let dir = File::open(&self.dir).map_err(|e| SidecarError::io(&self.dir, e))?;
@@ -1105,7 +1166,9 @@ impl Drop for StagedFile {
 
 /// Writes `bytes` to `path` atomically: [`StagedFile::create`] then
 /// [`StagedFile::commit`]. Readers see the old file or the new one, never a
-/// mix, and after a crash the target is one of the two.
+/// mix, and after a crash the target is one of the two. A target that is
+/// not a regular file (a device, a directory, a FIFO, a socket, a symbolic
+/// link) is refused, never replaced: [`SidecarError::NotRegularFile`].
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     StagedFile::create(path, bytes)?.commit()
 }

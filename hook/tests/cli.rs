@@ -218,6 +218,114 @@ fn capture_default_path_and_vm_id_checks() {
     .expect(0);
 }
 
+/// lstat: (file type bits, inode, device number) of what is at `p`.
+fn lstat_id(p: &Path) -> (u32, u64, u64) {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::symlink_metadata(p).expect("lstat");
+    (m.mode() & libc::S_IFMT, m.ino(), m.rdev())
+}
+
+#[test]
+fn capture_never_replaces_what_is_not_a_regular_file() {
+    let dir = TempDir::new("not-regular");
+    let vmm = FakeVmm::start(dir.path(), sample_vm(1, RunState::Running));
+    let precious = dir.join("precious.json");
+    std::fs::write(&precious, b"precious").expect("write");
+    let fifo = dir.join("fifo");
+    let c = std::ffi::CString::new(fifo.display().to_string()).expect("path");
+    // SAFETY: a NUL-terminated path and a mode; the result is checked.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0, "mkfifo");
+    let subdir = dir.join("subdir");
+    std::fs::create_dir(&subdir).expect("mkdir");
+    let link = dir.join("link.json");
+    std::os::unix::fs::symlink(&precious, &link).expect("symlink");
+    let dangling = dir.join("dangling.json");
+    std::os::unix::fs::symlink(dir.join("nowhere"), &dangling).expect("symlink");
+    let mut cases = vec![
+        (fifo, "a FIFO"),
+        (subdir, "a directory"),
+        (link, "a symbolic link"),
+        (dangling, "a symbolic link"),
+    ];
+    if unsafe_geteuid() == 0 {
+        // What `mknod /tmp/n c 1 3` makes: the machine's /dev/null.
+        let dev = dir.join("null-device");
+        let c = std::ffi::CString::new(dev.display().to_string()).expect("path");
+        // SAFETY: as above; makedev has no preconditions.
+        let rc = unsafe { libc::mknod(c.as_ptr(), libc::S_IFCHR | 0o666, libc::makedev(1, 3)) };
+        assert_eq!(rc, 0, "mknod");
+        cases.push((dev, "a character device"));
+    } else {
+        println!("SKIP (device case): not root");
+    }
+    for (path, kind) in &cases {
+        let before = lstat_id(path);
+        let out = path.display().to_string();
+        run(
+            dir.path(),
+            &[
+                "capture",
+                "--api-socket",
+                vmm.socket_str(),
+                "--vm",
+                "v",
+                "-o",
+                &out,
+            ],
+        )
+        .expect(2)
+        .stderr_has(&out)
+        .stderr_has(kind);
+        assert_eq!(lstat_id(path), before, "{out} was replaced");
+    }
+    assert_eq!(vmm.with(|s| s.gets), 0, "refused before the VMM is asked");
+    assert_eq!(std::fs::read(&precious).expect("read"), b"precious");
+    let names: Vec<String> = std::fs::read_dir(dir.path())
+        .expect("ls")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(!names.iter().any(|n| n.contains(".tmp-")), "{names:?}");
+}
+
+#[test]
+fn capture_to_stdout_with_dash() {
+    let dir = TempDir::new("stdout");
+    let vmm = FakeVmm::start(dir.path(), sample_vm(2, RunState::Running));
+    let key = write_key(&dir, "a.key", KEY_A);
+    let capture = |extra: &[&str]| {
+        let mut c = cli_support::cmd(dir.path());
+        // A file named "-" would land here, inside the sandbox.
+        c.current_dir(dir.path()).args([
+            "capture",
+            "--api-socket",
+            vmm.socket_str(),
+            "--vm",
+            "vm1",
+            "-o",
+            "-",
+        ]);
+        c.args(extra);
+        let out = c.output().expect("run clockcarry");
+        (
+            out.status.code(),
+            out.stdout,
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, stdout, stderr) = capture(&["--key", &key]);
+    assert_eq!(code, Some(0), "{stderr}");
+    let k = SidecarKey::from_bytes(KEY_A).expect("key");
+    let sc = Sidecar::parse(&stdout, Some(&k)).expect("stdout is the sealed sidecar");
+    assert_eq!(sc.body.vm.id, "vm1");
+    assert!(stderr.contains("captured VM vm1"), "{stderr}");
+    assert!(!dir.join("-").exists(), "a file named - was written");
+    // The JSON summary would share stdout with the sidecar.
+    let (code, stdout, stderr) = capture(&["--json"]);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stdout.is_empty());
+    assert!(stderr.contains("-o -"), "{stderr}");
+}
+
 #[test]
 fn capture_refuses_a_bad_vmm_answer_naming_the_field() {
     let dir = TempDir::new("capture-bad");
@@ -352,7 +460,7 @@ fn permission_denied_is_named() {
                 "--vm",
                 "v",
                 "-o",
-                "/dev/null",
+                &dir.join("x.json").display().to_string(),
             ],
         );
         r.expect(4).stderr_has("permission denied");

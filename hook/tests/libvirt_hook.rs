@@ -922,6 +922,28 @@ fn install_and_uninstall() {
     })
     .unwrap();
     uninstall(&opts).unwrap();
+    // What is neither a file nor a symlink is never replaced, even with
+    // --force.
+    let sock = std::os::unix::net::UnixListener::bind(&hook).unwrap();
+    let err = install(&InstallOptions {
+        force: true,
+        ..opts.clone()
+    })
+    .unwrap_err();
+    assert!(
+        err.to_string()
+            .contains(&format!("{} is a socket", hook.display())),
+        "{err}"
+    );
+    {
+        use std::os::unix::fs::FileTypeExt;
+        assert!(std::fs::symlink_metadata(&hook)
+            .unwrap()
+            .file_type()
+            .is_socket());
+    }
+    drop(sock);
+    std::fs::remove_file(&hook).unwrap();
     // An invalid config stops the install.
     std::fs::write(root.join("bad.conf"), "policy = yes\n").unwrap();
     assert!(install(&InstallOptions {

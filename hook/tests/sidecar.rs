@@ -1102,6 +1102,58 @@ fn written_files_are_mode_0600() {
 }
 
 #[test]
+fn atomic_writes_never_replace_what_is_not_a_regular_file() {
+    let dir = TempDir::new("not-regular");
+    let precious = dir.path().join("precious");
+    fs::write(&precious, b"precious").unwrap();
+    let link = dir.path().join("link.json");
+    std::os::unix::fs::symlink(&precious, &link).unwrap();
+    let dangling = dir.path().join("dangling.json");
+    std::os::unix::fs::symlink(dir.path().join("nowhere"), &dangling).unwrap();
+    let sub = dir.path().join("sub");
+    fs::create_dir(&sub).unwrap();
+    let fifo = dir.path().join("fifo");
+    let c = std::ffi::CString::new(fifo.display().to_string()).unwrap();
+    // SAFETY: a NUL-terminated path; the result is checked.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    for (path, kind) in [
+        (&link, "a symbolic link"),
+        (&dangling, "a symbolic link"),
+        (&sub, "a directory"),
+        (&fifo, "a FIFO"),
+    ] {
+        let err = write_atomic(path, b"new").unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains(&path.display().to_string()), "{text}");
+        assert!(
+            text.contains(&format!("is {kind}, not a regular file")),
+            "{text}"
+        );
+        assert!(fs::symlink_metadata(path).is_ok());
+    }
+    assert!(fs::symlink_metadata(&link)
+        .unwrap()
+        .file_type()
+        .is_symlink());
+    assert_eq!(fs::read(&precious).unwrap(), b"precious");
+    // A regular file is replaced as before; a missing one is created.
+    write_atomic(&precious, b"new").unwrap();
+    assert_eq!(fs::read(&precious).unwrap(), b"new");
+    write_atomic(&dir.path().join("fresh"), b"x").unwrap();
+    assert_eq!(
+        dir.entries(),
+        vec![
+            "dangling.json",
+            "fifo",
+            "fresh",
+            "link.json",
+            "precious",
+            "sub"
+        ]
+    );
+}
+
+#[test]
 fn crash_between_write_and_rename_keeps_the_old_file() {
     let dir = TempDir::new("crash");
     let path = dir.path().join("vm.json");

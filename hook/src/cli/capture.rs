@@ -1,12 +1,13 @@
 //! `clockcarry capture`: GET vm.clock, pair it with this host's (TSC, TAI)
 //! instant and identity, seal and write the sidecar.
 
+use std::io::Write;
 use std::os::unix::fs::DirBuilderExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use clap::Args;
 use clockcarry::model::RunState;
-use clockcarry::sidecar::{Sidecar, SidecarBody};
+use clockcarry::sidecar::{check_replaceable, Sidecar, SidecarBody, SidecarError};
 use serde::Serialize;
 
 use super::common::{self, api_error, print_json, print_text};
@@ -32,7 +33,10 @@ DESCRIPTION
 
     Without -o the sidecar goes to $CLOCKCARRY_STATE_DIR/<VM>.sidecar.json
     (default /var/lib/clockcarry); the VM id must then be 1 to 128 characters
-    of [A-Za-z0-9._-], not starting with '.'.
+    of [A-Za-z0-9._-], not starting with '.'. -o - writes the sidecar to
+    stdout (the summary then goes to stderr; --json cannot be combined with
+    it). An existing target that is not a regular file (a device, a FIFO, a
+    directory, a symbolic link) is refused, never replaced (exit 2).
 
     The host TSC rate comes from --host-tsc-khz, else a per-boot cache in
     $CLOCKCARRY_RUN_DIR (default /run/clockcarry), else KVM_GET_TSC_KHZ, else
@@ -58,7 +62,7 @@ pub struct CaptureArgs {
     /// The VM's id (UUID or name), recorded in the sidecar.
     #[arg(long, value_name = "ID")]
     vm: String,
-    /// Where to write the sidecar [default: $CLOCKCARRY_STATE_DIR/<ID>.sidecar.json].
+    /// Where to write the sidecar, `-` for stdout [default: $CLOCKCARRY_STATE_DIR/<ID>.sidecar.json].
     #[arg(short, long, value_name = "FILE")]
     output: Option<PathBuf>,
     /// Seal with HMAC-SHA256 under this key file (at least 16 bytes).
@@ -101,10 +105,20 @@ pub fn run(args: &CaptureArgs) -> CliResult<Exit> {
             "--vm must be 1 to 1024 bytes without control characters",
         ));
     }
+    let to_stdout = args.output.as_deref() == Some(Path::new("-"));
+    if to_stdout && args.json {
+        return Err(CliError::bad_input(
+            "-o - writes the sidecar to stdout, where --json would print the summary",
+        )
+        .with_hint("drop --json, or give -o a file"));
+    }
     let (output, default_path) = match &args.output {
         Some(p) => (p.clone(), false),
         None => (common::default_sidecar_path(&args.vm)?, true),
     };
+    if !to_stdout {
+        check_replaceable(&output).map_err(|e| write_error(&output, e))?;
+    }
     let key = common::load_key(args.key.as_deref())?;
 
     // Not while a restore of the same VM is under way: its half-applied
@@ -136,7 +150,12 @@ pub fn run(args: &CaptureArgs) -> CliResult<Exit> {
     let body = SidecarBody::new(args.vm.clone(), identity, sample, vm_clock);
     let sidecar = Sidecar::seal(body, key.as_ref())
         .map_err(|e| CliError::internal(format!("the capture cannot be sealed: {e}")))?;
-    if default_path {
+    if to_stdout {
+        let mut out = std::io::stdout().lock();
+        out.write_all(&sidecar.to_json_pretty())
+            .and_then(|()| out.flush())
+            .map_err(|e| CliError::internal(format!("cannot write the sidecar to stdout: {e}")))?;
+    } else if default_path {
         if let Some(dir) = output.parent() {
             if !dir.exists() {
                 std::fs::DirBuilder::new()
@@ -149,20 +168,25 @@ pub fn run(args: &CaptureArgs) -> CliResult<Exit> {
             }
         }
     }
-    sidecar.write_to(&output).map_err(|e| {
-        CliError::internal(format!("cannot write the sidecar: {e}"))
-            .with_hint("check the directory exists and is writable, or give another -o")
-    })?;
+    if !to_stdout {
+        sidecar
+            .write_to(&output)
+            .map_err(|e| write_error(&output, e))?;
+    }
+    let shown = if to_stdout {
+        "stdout".to_string()
+    } else {
+        output.display().to_string()
+    };
     let b = &sidecar.body;
     log::info!(
-        "captured VM {:?} ({} vCPUs) to {}",
+        "captured VM {:?} ({} vCPUs) to {shown}",
         b.vm.id,
-        b.vm.vcpu_count,
-        output.display()
+        b.vm.vcpu_count
     );
 
     let summary = CaptureSummary {
-        sidecar: output.display().to_string(),
+        sidecar: shown,
         vm_id: &b.vm.id,
         vcpu_count: b.vm_clock.vcpus.len(),
         state: b.vm_clock.state,
@@ -182,10 +206,30 @@ pub fn run(args: &CaptureArgs) -> CliResult<Exit> {
     };
     if args.json {
         print_json(&summary)?;
+    } else if to_stdout {
+        // stdout holds the sidecar.
+        let _ = std::io::stderr()
+            .lock()
+            .write_all(human(&summary).as_bytes());
     } else {
         print_text(&human(&summary));
     }
     Ok(Exit::Ok)
+}
+
+/// A sidecar that could not be written: exit 2 when the target is not a
+/// regular file (it is never replaced), else exit 1.
+fn write_error(path: &Path, err: SidecarError) -> CliError {
+    match err {
+        SidecarError::NotRegularFile { .. } => {
+            CliError::bad_input(format!("cannot write the sidecar: {err}")).with_hint(format!(
+                "give -o a regular file or a new name ({} is left as it is), or -o - for stdout",
+                path.display()
+            ))
+        }
+        _ => CliError::internal(format!("cannot write the sidecar: {err}"))
+            .with_hint("check the directory exists and is writable, or give another -o"),
+    }
 }
 
 fn human(s: &CaptureSummary) -> String {

@@ -76,7 +76,13 @@ pub struct InstallOutcome {
 const MARKER: &[u8] = b"clockcarry-libvirt-resync";
 
 fn is_clockcarry(path: &Path) -> bool {
-    let Ok(file) = fs::File::open(path) else {
+    use std::os::unix::fs::OpenOptionsExt;
+    // Non-blocking: a FIFO behind a symlink must not hang the install.
+    let Ok(file) = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+    else {
         return false;
     };
     let mut bytes = Vec::new();
@@ -121,7 +127,18 @@ pub(crate) fn install(opts: &InstallOptions) -> Result<InstallOutcome, LibvirtEr
             target.display()
         )));
     }
-    if fs::symlink_metadata(&target).is_ok() {
+    if let Ok(existing) = fs::symlink_metadata(&target) {
+        // The rename below would replace whatever is there: only a regular
+        // file or a symlink (what install itself places) may be, even with
+        // --force.
+        let ft = existing.file_type();
+        if !ft.is_file() && !ft.is_symlink() {
+            return Err(LibvirtError::Install(format!(
+                "{} is {}, not a regular file or a symlink: refusing to replace it",
+                target.display(),
+                crate::sidecar::file_kind(&ft)
+            )));
+        }
         let ours = is_clockcarry(&target);
         if !ours && !opts.force {
             return Err(LibvirtError::Install(format!(
