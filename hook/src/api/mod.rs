@@ -275,6 +275,19 @@ impl ApiClient {
     ) -> ApiError {
         let path = self.socket.clone();
         match err {
+            ureq::Error::Io(e) if e.get_ref().is_some_and(|i| i.is::<unix::NotAccepted>()) => {
+                ApiError::Timeout {
+                    method,
+                    endpoint,
+                    stage: "connecting: the VMM took neither the connection nor the request \
+                            (it accepts nothing: stopped, or its API thread is stuck)",
+                    timeout_ms: u64::try_from(self.options.connect_timeout.as_millis())
+                        .unwrap_or(u64::MAX),
+                    // The request lies unread in the socket: a VMM that
+                    // wakes up could still read it and act on it.
+                    request_sent: true,
+                }
+            }
             ureq::Error::Io(e) => match e.kind() {
                 std::io::ErrorKind::NotFound => ApiError::SocketMissing { path },
                 std::io::ErrorKind::PermissionDenied => ApiError::PermissionDenied { path },

@@ -7,10 +7,26 @@
 //! name lookup (a real lookup of `localhost` would cost time inside the
 //! blackout, and could spawn a thread).
 //!
-//! The connect honours a timeout of its own: the socket is opened
-//! non-blocking, and while the listener's backlog is full (`EAGAIN`) the
-//! connect is retried until the deadline. Reads and writes honour ureq's
-//! timeouts through `SO_RCVTIMEO` / `SO_SNDTIMEO`.
+//! The connect phase honours a timeout of its own, measured from the
+//! moment the connect starts, and ends only once the VMM has *taken* the
+//! connection:
+//!
+//! - the socket is opened non-blocking, and while the listener's backlog is
+//!   full (`EAGAIN`) the connect is retried until the deadline;
+//! - a Unix stream connect succeeds as soon as the connection is queued on
+//!   the listener, whether or not anybody ever calls `accept(2)`, and
+//!   nothing on the client's side changes when someone does. So until the
+//!   VMM has read some of the request (the socket's unread output,
+//!   `SIOCOUTQ`, shrinks) or answered, the wait is bounded by the same
+//!   deadline; a VMM that accepts nothing (stopped, or its API thread
+//!   stuck) costs the connect timeout, not the whole request's.
+//!
+//! A connect phase that runs out before the request was written is
+//! `Timeout::Connect` (nothing was sent). One that runs out after is a
+//! [`NotAccepted`] I/O error: the request lies unread in the socket, where
+//! a VMM that wakes up and accepts could still read it, so it counts as
+//! sent. Once the VMM has taken the request, reads and writes honour
+//! ureq's timeouts through `SO_RCVTIMEO` / `SO_SNDTIMEO`.
 
 use std::io::{self, Read, Write};
 use std::net::{Ipv4Addr, Shutdown, SocketAddr, SocketAddrV4};
@@ -29,6 +45,31 @@ use ureq::{Error, Timeout};
 
 /// Pause between connect attempts while the listener's backlog is full.
 const BACKLOG_RETRY: StdDuration = StdDuration::from_micros(200);
+/// Longest single wait for readability while watching whether the VMM
+/// takes the request (an answer ends the wait at once).
+const TAKEN_POLL: StdDuration = StdDuration::from_millis(1);
+
+/// The VMM did not take the connection within the connect timeout after
+/// the request was written to it: nobody accepted it, or nobody read it.
+/// Carried inside an `io::Error` of kind `TimedOut` (see the module
+/// documentation).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NotAccepted {
+    /// The connect timeout that ran out.
+    pub connect_timeout: StdDuration,
+}
+
+impl std::fmt::Display for NotAccepted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "the VMM did not take the connection within {} ms: the request lies unread in the socket",
+            self.connect_timeout.as_millis()
+        )
+    }
+}
+
+impl std::error::Error for NotAccepted {}
 
 /// Connects every request of an agent to one Unix socket.
 #[derive(Debug, Clone)]
@@ -56,6 +97,9 @@ impl Connector<()> for UnixConnector {
         details: &ConnectionDetails,
         _chained: Option<()>,
     ) -> Result<Option<Self::Out>, Error> {
+        // The connect phase, until the VMM takes the request, ends by the
+        // connect timeout from now.
+        let deadline = StdInstant::now() + self.connect_timeout;
         // The tighter of ureq's own budget and the connect timeout.
         let budget = match details.timeout.not_zero() {
             Some(d) => (*d).min(self.connect_timeout),
@@ -69,6 +113,11 @@ impl Connector<()> for UnixConnector {
             buffers,
             timeout_read: None,
             timeout_write: None,
+            pending: Some(Pending {
+                deadline,
+                connect_timeout: self.connect_timeout,
+                unread_after_write: None,
+            }),
         };
         (details.register_shutdown)(transport.shutdown_handle())?;
         Ok(Some(transport))
@@ -144,11 +193,81 @@ fn connect_with_timeout(path: &Path, budget: StdDuration) -> Result<UnixStream, 
 }
 
 /// One HTTP/1.1 connection over a Unix stream socket.
+///
+/// Invariant: `pending` is `Some` exactly until the VMM has been seen to
+/// take the connection (read some of the request, or answer); while it is,
+/// no read or write waits past its deadline.
 pub struct UnixTransport {
     stream: Arc<Sock>,
     buffers: LazyBuffers,
     timeout_read: Option<StdDuration>,
     timeout_write: Option<StdDuration>,
+    pending: Option<Pending>,
+}
+
+/// The connect phase, while the VMM has not yet taken the connection.
+#[derive(Debug, Clone, Copy)]
+struct Pending {
+    /// When the connect timeout, counted from the connect, runs out.
+    deadline: StdInstant,
+    connect_timeout: StdDuration,
+    /// Unread bytes in the socket right after the last write: once fewer
+    /// remain, the VMM has read some (`None`: nothing written yet).
+    unread_after_write: Option<usize>,
+}
+
+impl Pending {
+    fn not_accepted(&self) -> Error {
+        Error::Io(io::Error::new(
+            io::ErrorKind::TimedOut,
+            NotAccepted {
+                connect_timeout: self.connect_timeout,
+            },
+        ))
+    }
+}
+
+/// Bytes written to `stream` that its peer has not read yet (`SIOCOUTQ`).
+fn unread_output(stream: &UnixStream) -> io::Result<usize> {
+    use std::os::fd::AsRawFd;
+    let mut n: libc::c_int = 0;
+    // SAFETY: TIOCOUTQ (= SIOCOUTQ) writes one int through the pointer,
+    // which points at `n` for the duration of the call.
+    let rc = unsafe {
+        libc::ioctl(
+            stream.as_raw_fd(),
+            libc::TIOCOUTQ,
+            &mut n as *mut libc::c_int,
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(usize::try_from(n).unwrap_or(0))
+}
+
+/// Waits up to `wait` for `stream` to become readable (an answer, or the
+/// peer closing). True when it is.
+fn readable_within(stream: &UnixStream, wait: StdDuration) -> io::Result<bool> {
+    use std::os::fd::AsRawFd;
+    let mut pfd = libc::pollfd {
+        fd: stream.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // Round up so a sub-millisecond remainder still waits.
+    let ms = libc::c_int::try_from(wait.as_micros().div_ceil(1000)).unwrap_or(libc::c_int::MAX);
+    loop {
+        // SAFETY: one valid pollfd for the duration of the call.
+        let rc = unsafe { libc::poll(&mut pfd, 1, ms) };
+        if rc >= 0 {
+            return Ok(rc > 0 && pfd.revents != 0);
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
 }
 
 impl std::fmt::Debug for UnixTransport {
@@ -206,7 +325,28 @@ impl Transport for UnixTransport {
     fn transmit_output(&mut self, amount: usize, timeout: NextTimeout) -> Result<(), Error> {
         let timeout = timeout.for_write();
         let stream = Arc::clone(&self.stream);
-        update_timeout(timeout, &mut self.timeout_write, |d| {
+        // While the VMM has not taken the connection, a write (which waits
+        // only when the unread request fills the socket) ends by the
+        // connect deadline.
+        let mut next = timeout;
+        let mut bounded_by_connect = false;
+        if let Some(p) = &self.pending {
+            let left = p.deadline.saturating_duration_since(StdInstant::now());
+            if left.is_zero() {
+                return Err(match p.unread_after_write {
+                    Some(_) => p.not_accepted(),
+                    None => Error::Timeout(Timeout::Connect),
+                });
+            }
+            if next.not_zero().is_none_or(|d| left < *d) {
+                next = NextTimeout {
+                    after: left.into(),
+                    ..timeout
+                };
+                bounded_by_connect = true;
+            }
+        }
+        update_timeout(next, &mut self.timeout_write, |d| {
             stream.0.set_write_timeout(d)
         })?;
         let output = self.buffers.output();
@@ -216,14 +356,24 @@ impl Transport for UnixTransport {
                 "transmit amount beyond the output buffer",
             ))
         })?;
-        match (&self.stream.0).write_all(chunk) {
+        let written = (&self.stream.0).write_all(chunk);
+        if let Some(p) = &mut self.pending {
+            // Something may have gone out even when the write failed.
+            p.unread_after_write = Some(unread_output(&self.stream.0).unwrap_or(usize::MAX));
+        }
+        match written {
             Ok(()) => Ok(()),
+            Err(e) if timed_out(&e) && bounded_by_connect => Err(self
+                .pending
+                .as_ref()
+                .map_or(Error::Timeout(timeout.reason), Pending::not_accepted)),
             Err(e) if timed_out(&e) => Err(Error::Timeout(timeout.reason)),
             Err(e) => Err(Error::Io(e)),
         }
     }
 
     fn await_input(&mut self, timeout: NextTimeout) -> Result<bool, Error> {
+        self.await_taken(timeout)?;
         let timeout = timeout.for_read();
         let stream = Arc::clone(&self.stream);
         update_timeout(timeout, &mut self.timeout_read, |d| {
@@ -256,6 +406,42 @@ impl Transport for UnixTransport {
             Err(e) if e.kind() == io::ErrorKind::WouldBlock
         );
         stream.set_nonblocking(false).is_ok() && open
+    }
+}
+
+impl UnixTransport {
+    /// While the connection is pending, waits until the VMM takes it: it
+    /// has read some of the request (fewer unread bytes than right after
+    /// the last write, or none), or there is something to read (an answer,
+    /// or the peer closed). Fails with [`NotAccepted`] at the connect
+    /// deadline, or with ureq's own timeout if that comes first.
+    fn await_taken(&mut self, timeout: NextTimeout) -> Result<(), Error> {
+        let Some(p) = self.pending else {
+            return Ok(());
+        };
+        let started = StdInstant::now();
+        let ureq_left = timeout.not_zero().map(|d| *d);
+        let stream = &self.stream.0;
+        loop {
+            let unread = unread_output(stream).map_err(Error::Io)?;
+            let taken = unread == 0 || p.unread_after_write.is_some_and(|after| unread < after);
+            if taken {
+                break;
+            }
+            let now = StdInstant::now();
+            if ureq_left.is_some_and(|d| now.duration_since(started) >= d) {
+                return Err(Error::Timeout(timeout.reason));
+            }
+            let left = p.deadline.saturating_duration_since(now);
+            if left.is_zero() {
+                return Err(p.not_accepted());
+            }
+            if readable_within(stream, left.min(TAKEN_POLL)).map_err(Error::Io)? {
+                break;
+            }
+        }
+        self.pending = None;
+        Ok(())
     }
 }
 
