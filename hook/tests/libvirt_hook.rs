@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use clockcarry::libvirt::config::{Config, SetMethod};
 use clockcarry::libvirt::report::{write_report, ResyncReport, NOT_PRESERVED};
 use clockcarry::libvirt::resync::{
-    estimate, parse_domtime, run_resync, Clock, Guest, Outcome, Reading,
+    estimate, parse_domtime, run_resync, standing_in, Clock, Guest, Outcome, Reading, Standing,
 };
 use clockcarry::libvirt::spawn::spawn_detached;
 use clockcarry::libvirt::state::{classify, QemuCmdline, StateDir};
@@ -210,6 +210,28 @@ fn managedsave_then_start_launches_a_restore_resync() {
         log.contains("restore begin seen; QEMU has -incoming; restore: resync recorded"),
         "{log}"
     );
+    // The helper reads this before every poll: it is current...
+    let uuid = DomainUuid::parse(WEB_UUID).unwrap();
+    let load = || StateDir::open(&f.env.state_dir).unwrap().load(&uuid);
+    assert_eq!(standing_in(load(), r.generation), Standing::Current);
+    assert_eq!(standing_in(load(), r.generation + 1), Standing::Superseded);
+    // ...until the domain stops.
+    assert_eq!(
+        f.call("web-01.prod", "stopped", "end", &web("stopped-end")),
+        0
+    );
+    assert_eq!(f.state().unwrap().resync, None);
+    assert!(matches!(
+        standing_in(load(), r.generation),
+        Standing::Stopped(why) if why.contains("stopped end -")
+    ));
+    assert!(std::fs::read_to_string(f.env.state_dir.join("hook.log"))
+        .unwrap()
+        .contains(&format!(
+            "resync helper (generation {}) told to stop",
+            r.generation
+        )));
+    assert!(matches!(standing_in(Ok(None), 1), Standing::Stopped(_)));
 }
 
 #[test]
@@ -599,7 +621,7 @@ fn resync_after_restore_aligned() {
     let req = request(Trigger::Restore, clock.now_ns());
     let mut guest = sim(&clock, -21.18);
     let cfg = Config::default();
-    let (outcome, rep) = run_resync(&req, &cfg, &mut guest, &clock, &mut || true);
+    let (outcome, rep) = run_resync(&req, &cfg, &mut guest, &clock, &mut || Standing::Current);
     assert_eq!(outcome, Outcome::Synced);
     assert_eq!(rep.outcome, "synced");
     assert_eq!(rep.trigger, "restore");
@@ -639,7 +661,7 @@ fn resync_now_method_lands_within_a_second_behind() {
         set_method: SetMethod::Now,
         ..Config::default()
     };
-    let (outcome, rep) = run_resync(&req, &cfg, &mut guest, &clock, &mut || true);
+    let (outcome, rep) = run_resync(&req, &cfg, &mut guest, &clock, &mut || Standing::Current);
     assert_eq!(outcome, Outcome::Synced);
     let after = rep.offset_after.unwrap();
     assert!(after.offset_s <= 0.0 && after.offset_s > -1.0, "{after:?}");
@@ -658,7 +680,7 @@ fn resync_gives_up_within_bounds() {
         agent_timeout_s: 10,
         ..Config::default()
     };
-    let (outcome, rep) = run_resync(&req, &cfg, &mut guest, &clock, &mut || true);
+    let (outcome, rep) = run_resync(&req, &cfg, &mut guest, &clock, &mut || Standing::Current);
     assert_eq!(outcome, Outcome::Timeout);
     assert!(rep.offset_before.is_none() && rep.offset_after.is_none());
     let elapsed = clock.now_ns() - 1_000 * S;
@@ -676,7 +698,7 @@ fn resync_gives_up_within_bounds() {
         run_wait_s: 30,
         ..Config::default()
     };
-    let (outcome, _) = run_resync(&req, &cfg, &mut guest, &clock, &mut || true);
+    let (outcome, _) = run_resync(&req, &cfg, &mut guest, &clock, &mut || Standing::Current);
     assert_eq!(outcome, Outcome::Timeout);
     assert!(clock.now_ns() - 1_000 * S < 32 * S);
 
@@ -687,7 +709,9 @@ fn resync_gives_up_within_bounds() {
     let mut guest = sim(&clock, -5.0);
     guest.running_at = u64::MAX;
     guest.gone_at = Some(1_003 * S);
-    let (outcome, rep) = run_resync(&req, &Config::default(), &mut guest, &clock, &mut || true);
+    let (outcome, rep) = run_resync(&req, &Config::default(), &mut guest, &clock, &mut || {
+        Standing::Current
+    });
     assert_eq!(outcome, Outcome::DomainGone);
     assert_eq!(rep.outcome, "domain-gone");
 
@@ -699,9 +723,38 @@ fn resync_gives_up_within_bounds() {
     let mut n = 0;
     let (outcome, _) = run_resync(&req, &Config::default(), &mut guest, &clock, &mut || {
         n += 1;
-        n < 3
+        if n < 3 {
+            Standing::Current
+        } else {
+            Standing::Superseded
+        }
     });
     assert_eq!(outcome, Outcome::Superseded);
+
+    // The domain stops while the helper waits for it to run (virsh cannot
+    // tell: here it never answers at all): the helper ends at its next
+    // poll, long before run_wait_s.
+    let clock = SimClock {
+        now: Cell::new(1_000 * S),
+    };
+    let mut guest = sim(&clock, -5.0);
+    guest.running_at = u64::MAX;
+    let mut n = 0;
+    let (outcome, rep) = run_resync(&req, &Config::default(), &mut guest, &clock, &mut || {
+        n += 1;
+        if n < 4 {
+            Standing::Current
+        } else {
+            Standing::Stopped("the domain stopped".into())
+        }
+    });
+    assert_eq!(outcome, Outcome::DomainGone);
+    assert_eq!(rep.outcome, "domain-gone");
+    assert_eq!(
+        rep.errors.last().map(String::as_str),
+        Some("the domain stopped")
+    );
+    assert!(clock.now_ns() - 1_000 * S < 4 * S);
 
     // Sets that fail twice, then work.
     let clock = SimClock {
@@ -709,7 +762,9 @@ fn resync_gives_up_within_bounds() {
     };
     let mut guest = sim(&clock, -5.0);
     guest.set_fails = 2;
-    let (outcome, rep) = run_resync(&req, &Config::default(), &mut guest, &clock, &mut || true);
+    let (outcome, rep) = run_resync(&req, &Config::default(), &mut guest, &clock, &mut || {
+        Standing::Current
+    });
     assert_eq!(outcome, Outcome::Synced);
     assert_eq!(
         rep.errors.iter().filter(|e| e.starts_with("set:")).count(),
@@ -820,7 +875,9 @@ fn reports_are_never_overwritten() {
     let req = request(Trigger::Restore, clock.now_ns());
     let mut guest = sim(&clock, -3.0);
     let (_, rep): (Outcome, ResyncReport) =
-        run_resync(&req, &Config::default(), &mut guest, &clock, &mut || true);
+        run_resync(&req, &Config::default(), &mut guest, &clock, &mut || {
+            Standing::Current
+        });
     let at = 1_795_754_655 * S;
     let p1 = write_report(&dir, &rep, at).unwrap();
     let p2 = write_report(&dir, &rep, at).unwrap();
@@ -1092,6 +1149,98 @@ mod binary {
         assert_eq!(out.status.code(), Some(0), "{out:?}");
         assert!(!hook.exists());
         let _ = std::fs::remove_dir_all(&root);
+    }
+
+    /// The helper outlives nothing: once libvirt says the domain stopped
+    /// (`stopped end`, `release end`), a helper still waiting for it to run
+    /// ends at its next poll, with a report, instead of polling for up to
+    /// `run_wait_s` (1 h). virsh is missing here, so only the hook's word
+    /// can end the wait.
+    #[test]
+    fn the_helper_stops_when_the_domain_stops() {
+        let f =
+            Fixture::new("virsh = /nonexistent/clockcarry-test/virsh\nretry_interval_ms = 100\n");
+        assert_eq!(
+            f.call("web-01.prod", "restore", "begin", &web("restore-begin")),
+            0
+        );
+        f.qemu("web-01.prod", 4343, &qemu_args(&["-incoming", "defer"]));
+        assert_eq!(
+            f.call("web-01.prod", "started", "begin", &web("started-begin")),
+            0
+        );
+        let req = f.launched().pop().expect("a helper was asked for");
+        let mut child = Command::new(BIN)
+            .arg(clockcarry::libvirt::RESYNC_ARG)
+            .args(req.to_args())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let log = f.env.state_dir.join("hook.log");
+        let t = Instant::now();
+        while !std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains("helper started")
+        {
+            assert!(
+                t.elapsed() < Duration::from_secs(10),
+                "helper never started"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        std::thread::sleep(Duration::from_millis(400));
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the helper gave up while the domain was still starting"
+        );
+        // The domain stops (a failed restore, a destroy).
+        assert_eq!(
+            f.call("web-01.prod", "stopped", "end", &web("stopped-end")),
+            0
+        );
+        assert_eq!(
+            f.call("web-01.prod", "release", "end", &web("release-end")),
+            0
+        );
+        let stopped = Instant::now();
+        let status = loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                break status;
+            }
+            if stopped.elapsed() > Duration::from_secs(5) {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!(
+                    "the helper was still polling {:?} after stopped end",
+                    stopped.elapsed()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        assert!(
+            stopped.elapsed() < Duration::from_secs(3),
+            "{:?}",
+            stopped.elapsed()
+        );
+        assert_eq!(status.code(), Some(1), "not synced");
+        let reports: Vec<PathBuf> = std::fs::read_dir(f.root.join("reports"))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        assert_eq!(reports.len(), 1, "{reports:?}");
+        let rep: ResyncReport =
+            serde_json::from_str(&std::fs::read_to_string(&reports[0]).unwrap()).unwrap();
+        assert_eq!(rep.outcome, "domain-gone");
+        assert!(
+            rep.errors.iter().any(|e| e.contains("stopped end")),
+            "{:?}",
+            rep.errors
+        );
+        assert!(std::fs::read_to_string(&log)
+            .unwrap()
+            .contains("domain-gone"));
     }
 
     #[test]

@@ -246,8 +246,12 @@ fn run_hook(args: &HookArgs, stdin: &mut dyn Read, env: &HookEnv) -> Result<(), 
         (Op::Stopped, SubOp::End) => {
             st.pending = None;
             st.last_stop_ns = Some(now);
+            note = stop_helper(&mut st);
         }
-        (Op::Release, SubOp::End) => st.last_release_reason = args.extra.clone(),
+        (Op::Release, SubOp::End) => {
+            st.last_release_reason = args.extra.clone();
+            note = stop_helper(&mut st);
+        }
         (Op::Started, SubOp::Begin) => {
             let cmdline = state::read_qemu_cmdline(&cfg.qemu_run_dir, &env.proc_root, &info.name);
             let c = state::classify(&st, cmdline.as_ref(), &info.uuid, now);
@@ -280,6 +284,16 @@ fn run_hook(args: &HookArgs, stdin: &mut dyn Read, env: &HookEnv) -> Result<(), 
     dir.store(&st)?;
     dir.log(&format!("hook {} {} {event}{note}", info.uuid, info.name));
     Ok(())
+}
+
+/// The domain is down: a resync helper still waiting for it has nothing
+/// left to do. Clearing the record is what tells it so (it reads the state
+/// before every poll, [`resync::standing_in`]). Returns the log note.
+fn stop_helper(st: &mut DomainState) -> String {
+    match st.resync.take() {
+        Some(r) => format!(": resync helper (generation {}) told to stop", r.generation),
+        None => String::new(),
+    }
 }
 
 fn absolute(p: &Path) -> PathBuf {

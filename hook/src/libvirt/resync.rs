@@ -397,6 +397,20 @@ fn ms(ns: u64) -> f64 {
     ns_to_s(i128::from(ns) * 1000)
 }
 
+/// Whether the helper is still wanted, as the hook's state file says
+/// (asked before every poll and every try).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Standing {
+    /// This helper's generation is the domain's latest: carry on.
+    Current,
+    /// A newer helper for the same domain took over: stop, no report.
+    Superseded,
+    /// The domain stopped (libvirt's `stopped end` or `release end` came
+    /// after this helper was launched), or its state is gone: stop, with a
+    /// `domain-gone` report giving the reason.
+    Stopped(String),
+}
+
 /// How the helper ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Outcome {
@@ -404,7 +418,8 @@ pub enum Outcome {
     Synced,
     /// The agent never answered, or every set failed, within the bounds.
     Timeout,
-    /// The domain stopped or vanished (e.g. a failed migration).
+    /// The domain stopped or vanished (e.g. a failed migration): virsh
+    /// said so, or the hook recorded its stop ([`Standing::Stopped`]).
     DomainGone,
     /// A newer helper for the same domain took over.
     Superseded,
@@ -422,14 +437,17 @@ impl Outcome {
 }
 
 /// Runs the helper's logic and returns the report (not yet written).
-/// `still_current` says whether this helper's generation is still the
-/// domain's latest (checked before every try).
+/// `standing` says whether the helper is still wanted ([`Standing`]); it
+/// is asked before every domain-state poll and every agent try, so a
+/// superseded helper, or one whose domain stopped, ends within one
+/// `retry_interval_ms` (plus at most one virsh run) rather than at its
+/// deadline.
 pub fn run_resync(
     req: &ResyncRequest,
     cfg: &Config,
     guest: &mut dyn Guest,
     clock: &dyn Clock,
-    still_current: &mut dyn FnMut() -> bool,
+    standing: &mut dyn FnMut() -> Standing,
 ) -> (Outcome, ResyncReport) {
     let interval_ns = u64::from(cfg.retry_interval_ms) * 1_000_000;
     let mut rep = ResyncReport {
@@ -480,8 +498,13 @@ pub fn run_resync(
         .now_ns()
         .saturating_add(u64::from(cfg.run_wait_s) * 1_000_000_000);
     loop {
-        if !still_current() {
-            return finish(rep, Outcome::Superseded, clock);
+        match standing() {
+            Standing::Current => {}
+            Standing::Superseded => return finish(rep, Outcome::Superseded, clock),
+            Standing::Stopped(why) => {
+                push_err(&mut rep, why);
+                return finish(rep, Outcome::DomainGone, clock);
+            }
         }
         match guest.domstate() {
             Ok(s) if s == "running" => break,
@@ -515,8 +538,13 @@ pub fn run_resync(
     // 2. Read the guest clock, then set it; retry both until the deadline.
     let agent_deadline = running_at.saturating_add(u64::from(cfg.agent_timeout_s) * 1_000_000_000);
     let before = loop {
-        if !still_current() {
-            return finish(rep, Outcome::Superseded, clock);
+        match standing() {
+            Standing::Current => {}
+            Standing::Superseded => return finish(rep, Outcome::Superseded, clock),
+            Standing::Stopped(why) => {
+                push_err(&mut rep, why);
+                return finish(rep, Outcome::DomainGone, clock);
+            }
         }
         rep.attempts = rep.attempts.saturating_add(1);
         let t0 = clock.now_ns();
@@ -633,6 +661,30 @@ pub fn run_resync(
     finish(rep, Outcome::Synced, clock)
 }
 
+/// What the domain's state file says about the helper of `generation`:
+/// its record is the current one; another generation's (superseded); none,
+/// because `stopped end` / `release end` cleared it, or no state file at
+/// all (stopped). A state file that cannot be read says nothing: carry on
+/// (the helper's own deadlines still bound it).
+pub fn standing_in(
+    state: Result<Option<super::state::DomainState>, LibvirtError>,
+    generation: u64,
+) -> Standing {
+    match state {
+        Ok(Some(s)) => match s.resync {
+            Some(r) if r.generation == generation => Standing::Current,
+            Some(_) => Standing::Superseded,
+            None => Standing::Stopped(format!(
+                "the domain stopped before it ran (libvirt's stopped end or release end; \
+                 last hook call: {})",
+                s.last_event.as_deref().unwrap_or("unknown")
+            )),
+        },
+        Ok(None) => Standing::Stopped("the domain's hook state is gone".to_owned()),
+        Err(_) => Standing::Current,
+    }
+}
+
 /// The helper's entry (see [`super::resync_main`]).
 pub(crate) fn helper(args: &[OsString]) -> Result<i32, LibvirtError> {
     let req = ResyncRequest::from_args(args)?;
@@ -657,14 +709,8 @@ pub(crate) fn helper(args: &[OsString]) -> Result<i32, LibvirtError> {
         uuid: req.uuid.clone(),
         timeout: Duration::from_secs(u64::from(cfg.command_timeout_s)),
     };
-    let mut still_current = || match state.load(&req.uuid) {
-        Ok(Some(s)) => s
-            .resync
-            .map(|r| r.generation == req.generation)
-            .unwrap_or(true),
-        _ => true,
-    };
-    let (outcome, report) = run_resync(&req, &cfg, &mut guest, &SystemClock, &mut still_current);
+    let mut standing = || standing_in(state.load(&req.uuid), req.generation);
+    let (outcome, report) = run_resync(&req, &cfg, &mut guest, &SystemClock, &mut standing);
     if outcome == Outcome::Superseded {
         state.log(&format!(
             "resync {}: superseded by a newer helper; no report",

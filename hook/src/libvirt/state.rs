@@ -97,6 +97,9 @@ pub struct DomainState {
     /// `EXTRA` of the last `release end` (libvirt >= 10.5.0: the reason).
     pub last_release_reason: Option<String>,
     pub last_event: Option<String>,
+    /// The helper launched at the last `started begin`, until the domain
+    /// stops: `stopped end` and `release end` clear it, which tells a helper
+    /// still running to stop (see `resync::standing_in`).
     pub resync: Option<ResyncRecord>,
 }
 
