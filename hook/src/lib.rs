@@ -4,6 +4,7 @@
 //! Three layers, each usable alone:
 //! - model and planner (pure, no I/O): [`model`], [`pvclock`], [`plan`],
 //!   [`sidecar`], and the [`sim`] of hosts and KVM used to prove the planner;
+//!   [`hostconf`], the host configuration that makes sidecar keys mandatory;
 //! - [`host`]: CLOCK_TAI, adjtimex, (TSC, TAI) brackets, host identity;
 //! - `kvm` (feature `kvm`): capture and apply on kvm-ioctls file descriptors.
 //!
@@ -13,6 +14,7 @@
 #[cfg(feature = "http")]
 pub mod api;
 pub mod host;
+pub mod hostconf;
 #[cfg(all(feature = "kvm", target_os = "linux", target_arch = "x86_64"))]
 pub mod kvm;
 #[cfg(feature = "libvirt")]

@@ -15,7 +15,9 @@
 //!
 //! Files are written with [`write_atomic`] (temp file, fsync, rename, fsync
 //! of the directory; mode 0600; only ever replacing a regular file) and
-//! read with [`read_bounded`].
+//! read with [`read_bounded`], or [`read_trusted`] when only this user or
+//! root may have written them. Key files must be private
+//! ([`SidecarKey::from_file`]).
 //!
 //! The format is documented in `docs/sidecar.md`; the JSON Schema lives in
 //! `hook/schema/sidecar-v1.schema.json`.
@@ -125,6 +127,14 @@ pub enum SidecarError {
     KeyIdMismatch { file: String, configured: String },
     #[error("sidecar key: {0}")]
     Key(String),
+    #[error("{what} {} {reason}: refused", path.display())]
+    Untrusted {
+        /// "key file", "sidecar", "host configuration".
+        what: &'static str,
+        path: PathBuf,
+        /// Who else could read or write it, and how (mode, owner, directory).
+        reason: String,
+    },
     #[error("{} is {kind}, not a regular file: refusing to replace it", path.display())]
     NotRegularFile {
         path: PathBuf,
@@ -201,6 +211,18 @@ impl PartialEq for SidecarError {
             (E::NotRegularFile { path: a, kind: x }, E::NotRegularFile { path: b, kind: y }) => {
                 a == b && x == y
             }
+            (
+                E::Untrusted {
+                    what: w,
+                    path: a,
+                    reason: x,
+                },
+                E::Untrusted {
+                    what: v,
+                    path: b,
+                    reason: y,
+                },
+            ) => w == v && a == b && x == y,
             _ => false,
         }
     }
@@ -226,6 +248,7 @@ impl SidecarError {
             | SidecarError::Truncated
             | SidecarError::NotJson { .. }
             | SidecarError::Key(_)
+            | SidecarError::Untrusted { .. }
             | SidecarError::NotRegularFile { .. } => None,
         }
     }
@@ -368,17 +391,18 @@ impl SidecarKey {
 
     /// A key from a file: its raw bytes with one trailing newline stripped.
     /// At least [`MIN_KEY_BYTES`] bytes, at most [`MAX_KEY_FILE_BYTES`].
-    /// Warns when group or others may read the file.
+    ///
+    /// The file must be private ([`SidecarError::Untrusted`] otherwise): not
+    /// readable or writable by group or others (execute bits do not
+    /// matter), owned by the effective user or root, and, when it is a
+    /// regular file, in a directory nobody else could replace it in
+    /// ([`check_parent_dir`]). Owner and mode are those of the opened file.
     pub fn from_file(path: &Path) -> Result<SidecarKey> {
         let file = File::open(path).map_err(|e| SidecarError::io(path, e))?;
-        if let Ok(meta) = file.metadata() {
-            if meta.permissions().mode() & 0o077 != 0 {
-                log::warn!(
-                    "sidecar key file {} is readable by group or others (mode {:o}); 0600 is advised",
-                    path.display(),
-                    meta.permissions().mode() & 0o7777
-                );
-            }
+        let meta = file.metadata().map_err(|e| SidecarError::io(path, e))?;
+        check_owner_and_mode("key file", path, &meta, 0o066)?;
+        if meta.is_file() {
+            check_parent_dir("key file", path)?;
         }
         let mut bytes = Vec::new();
         let limit = u64::try_from(MAX_KEY_FILE_BYTES)
@@ -761,6 +785,12 @@ impl Sidecar {
         Sidecar::parse(&read_bounded(path)?, key)
     }
 
+    /// Reads a sidecar file that nobody but this user or root could have
+    /// written ([`read_trusted`]), and parses it.
+    pub fn read_from_trusted(path: &Path, key: Option<&SidecarKey>) -> Result<Sidecar> {
+        Sidecar::parse(&read_trusted(path)?, key)
+    }
+
     /// Writes the sidecar to `path` with [`write_atomic`].
     pub fn write_to(&self, path: &Path) -> Result<()> {
         write_atomic(path, &self.to_json_pretty())
@@ -985,6 +1015,109 @@ fn max_bytes_u64() -> u64 {
 pub fn read_bounded(path: &Path) -> Result<Vec<u8>> {
     let file = File::open(path).map_err(|e| SidecarError::io(path, e))?;
     let meta = file.metadata().map_err(|e| SidecarError::io(path, e))?;
+    read_open(path, file, &meta)
+}
+
+/// [`read_bounded`], for a sidecar that only this user or root could have
+/// written: the opened file must be owned by the effective user or root
+/// and not writable by group or others, and a regular file must sit in a
+/// directory nobody else could replace it in ([`check_parent_dir`]).
+/// Otherwise [`SidecarError::Untrusted`], naming the reason. (A pipe such
+/// as `/dev/stdin` has no directory entry to replace: only its owner and
+/// mode are checked.)
+pub fn read_trusted(path: &Path) -> Result<Vec<u8>> {
+    let file = File::open(path).map_err(|e| SidecarError::io(path, e))?;
+    let meta = file.metadata().map_err(|e| SidecarError::io(path, e))?;
+    check_owner_and_mode("sidecar", path, &meta, 0o022)?;
+    if meta.is_file() {
+        check_parent_dir("sidecar", path)?;
+    }
+    read_open(path, file, &meta)
+}
+
+/// The effective user id.
+fn euid() -> u32 {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() }
+}
+
+/// Refuses ([`SidecarError::Untrusted`]) a file, described by `meta` (best
+/// taken from the opened file, so no symlink or rename stands in between),
+/// that is owned by someone other than the effective user or root, or has
+/// any of the permission bits `forbidden` (`0o022`: writable by group or
+/// others; `0o066`: readable or writable by them).
+pub fn check_owner_and_mode(
+    what: &'static str,
+    path: &Path,
+    meta: &std::fs::Metadata,
+    forbidden: u32,
+) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let untrusted = |reason: String| SidecarError::Untrusted {
+        what,
+        path: path.to_path_buf(),
+        reason,
+    };
+    let me = euid();
+    if meta.uid() != me && meta.uid() != 0 {
+        return Err(untrusted(format!(
+            "is owned by uid {}, not by this user (uid {me}) or root",
+            meta.uid()
+        )));
+    }
+    let mode = meta.mode() & 0o7777;
+    if mode & forbidden != 0 {
+        let how = if forbidden & 0o044 != 0 {
+            "readable or writable"
+        } else {
+            "writable"
+        };
+        return Err(untrusted(format!(
+            "is {how} by group or others (mode {mode:04o})"
+        )));
+    }
+    Ok(())
+}
+
+/// Refuses ([`SidecarError::Untrusted`]) a file whose directory (that of
+/// its canonical path, symlinks resolved) would let someone other than the
+/// effective user or root replace it: a directory owned by another user,
+/// or one writable by group or others without the sticky bit (with it, as
+/// on `/tmp`, only a file's owner may rename or remove it). Directories
+/// further up are not examined.
+pub fn check_parent_dir(what: &'static str, path: &Path) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let real = std::fs::canonicalize(path).map_err(|e| SidecarError::io(path, e))?;
+    let Some(dir) = real.parent() else {
+        return Ok(());
+    };
+    let meta = std::fs::metadata(dir).map_err(|e| SidecarError::io(dir, e))?;
+    let untrusted = |reason: String| SidecarError::Untrusted {
+        what,
+        path: path.to_path_buf(),
+        reason,
+    };
+    let me = euid();
+    if meta.uid() != me && meta.uid() != 0 {
+        return Err(untrusted(format!(
+            "is in directory {}, owned by uid {} (not this user, uid {me}, nor root), who could have replaced it",
+            dir.display(),
+            meta.uid()
+        )));
+    }
+    let mode = meta.mode() & 0o7777;
+    if mode & 0o022 != 0 && mode & 0o1000 == 0 {
+        return Err(untrusted(format!(
+            "is in directory {}, writable by group or others without the sticky bit \
+             (mode {mode:04o}): anyone could have replaced it",
+            dir.display()
+        )));
+    }
+    Ok(())
+}
+
+/// Reads an opened sidecar file within [`MAX_SIDECAR_BYTES`].
+fn read_open(path: &Path, file: File, meta: &std::fs::Metadata) -> Result<Vec<u8>> {
     if meta.is_file() && meta.len() > max_bytes_u64() {
         return Err(SidecarError::TooLarge {
             size: meta.len(),

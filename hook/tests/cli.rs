@@ -504,6 +504,11 @@ fn permission_denied_is_named() {
             "/nonexistent/x.json",
         ])
         .env("CLOCKCARRY_RUN_DIR", dir.join("run-nobody"))
+        .env("CLOCKCARRY_CONFIG", {
+            let conf = dir.join("clockcarry.conf");
+            std::fs::write(&conf, b"").expect("empty host configuration");
+            conf
+        })
         .output()
         .expect("setpriv");
     let stderr = String::from_utf8_lossy(&out.stderr);

@@ -225,6 +225,10 @@ fn refvmm_error_paths_leave_the_vm_untouched() {
     let kb = r.dir.join("b.key");
     std::fs::write(&ka, key_a).expect("key");
     std::fs::write(&kb, key_b).expect("key");
+    for k in [&ka, &kb] {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(k, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    }
     r.restore(&["--key", kb.to_str().unwrap_or("")])
         .expect(2)
         .stderr_has("unauthenticated");

@@ -1021,6 +1021,7 @@ fn key_from_file() {
     let dir = TempDir::new("keys");
     let path = dir.path().join("key");
     fs::write(&path, [KEY_A, b"\n"].concat()).unwrap();
+    fs::set_permissions(&path, fs::Permissions::from_mode(0o600)).unwrap();
     let k = SidecarKey::from_file(&path).unwrap();
     assert_eq!(k.id(), key_a().id());
     assert_eq!(k.id().len(), 16);
@@ -1053,8 +1054,38 @@ fn key_from_file() {
 
 #[test]
 fn checked_in_key_matches_fixture() {
-    let k = SidecarKey::from_file(&data_dir().join("test.key")).unwrap();
+    // A checkout leaves it world-readable: read it through a private copy.
+    let dir = TempDir::new("checked-in-key");
+    let path = dir.path().join("test.key");
+    fs::copy(data_dir().join("test.key"), &path).unwrap();
+    fs::set_permissions(&path, fs::Permissions::from_mode(0o600)).unwrap();
+    let k = SidecarKey::from_file(&path).unwrap();
     assert_eq!(k.id(), key_a().id());
+}
+
+#[test]
+fn key_files_others_may_read_or_write_are_refused() {
+    let dir = TempDir::new("key-modes");
+    let path = dir.path().join("key");
+    fs::write(&path, KEY_A).unwrap();
+    for mode in [0o644, 0o640, 0o604, 0o620, 0o602] {
+        fs::set_permissions(&path, fs::Permissions::from_mode(mode)).unwrap();
+        let err = SidecarKey::from_file(&path).unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains(&path.display().to_string()), "{text}");
+        assert!(text.contains("group or others"), "{mode:o}: {text}");
+    }
+    // Execute bits give nothing away.
+    fs::set_permissions(&path, fs::Permissions::from_mode(0o711)).unwrap();
+    assert_eq!(SidecarKey::from_file(&path).unwrap().id(), key_a().id());
+    fs::set_permissions(&path, fs::Permissions::from_mode(0o400)).unwrap();
+    assert_eq!(SidecarKey::from_file(&path).unwrap().id(), key_a().id());
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        std::os::unix::fs::chown(&path, Some(65534), None).unwrap();
+        let text = SidecarKey::from_file(&path).unwrap_err().to_string();
+        assert!(text.contains("owned by uid 65534"), "{text}");
+    }
 }
 
 // -------------------------------------------------------------- fixtures

@@ -26,7 +26,10 @@ DESCRIPTION
     host's (TSC, CLOCK_TAI) instant (narrowest of 16 brackets), the clock's
     quality (adjtimex) and the host's identity, and writes the sidecar
     atomically (temporary file, fsync, rename, fsync of the directory) with
-    mode 0600. With --key the sidecar is sealed with HMAC-SHA256.
+    mode 0600. With --key, or the key_file of the host configuration
+    (/etc/clockcarry/clockcarry.conf, or $CLOCKCARRY_CONFIG), the sidecar is
+    sealed with HMAC-SHA256. A key file others could read or write is
+    refused (exit 2).
 
     Run it on the source host before the VM pauses (before send-migration or
     snapshot). The VM may be running: reading offsets touches no clock.
@@ -65,7 +68,8 @@ pub struct CaptureArgs {
     /// Where to write the sidecar, `-` for stdout [default: $CLOCKCARRY_STATE_DIR/<ID>.sidecar.json].
     #[arg(short, long, value_name = "FILE")]
     output: Option<PathBuf>,
-    /// Seal with HMAC-SHA256 under this key file (at least 16 bytes).
+    /// Seal with HMAC-SHA256 under this key file (at least 16 bytes, private)
+    /// [default: key_file of the host configuration, if any].
     #[arg(long, value_name = "FILE")]
     key: Option<PathBuf>,
     /// This host's TSC rate in kHz, when known better than clockcarry finds it.

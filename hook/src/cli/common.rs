@@ -1,12 +1,19 @@
 //! Pieces shared by the subcommands: keys, sidecars, VM ids and paths,
 //! error mapping, output.
+//!
+//! Keys and sidecars go through [`load_key`] and [`read_sidecar`] only,
+//! which apply the host configuration ([`clockcarry::hostconf`]): when it
+//! names a key, that key is used, and required, by every command that
+//! reads or writes sidecars, `--key` or not.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 
 use clockcarry::api::ApiError;
+use clockcarry::hostconf::HostConfig;
 use clockcarry::plan::PlanError;
-use clockcarry::sidecar::{Sidecar, SidecarError, SidecarKey};
+use clockcarry::sidecar::{self, Sidecar, SidecarError, SidecarKey};
 use serde::Serialize;
 
 use super::exit::{CliError, CliResult, Exit};
@@ -18,14 +25,47 @@ pub const DEFAULT_STATE_DIR: &str = "/var/lib/clockcarry";
 /// Longest VM id accepted in a path, bytes.
 pub const MAX_PATH_VM_ID_BYTES: usize = 128;
 
-/// Loads the sidecar key, if one is given. Exit 2 on any problem.
-pub fn load_key(path: Option<&Path>) -> CliResult<Option<SidecarKey>> {
-    match path {
-        None => Ok(None),
-        Some(p) => SidecarKey::from_file(p)
-            .map(Some)
-            .map_err(|e| CliError::bad_input(format!("sidecar key {}: {e}", p.display()))),
+/// The host configuration, read once per process (`None`: there is none).
+/// Exit 2 when it exists but cannot be used: a broken host policy is never
+/// silently ignored.
+pub fn host_config() -> CliResult<Option<&'static HostConfig>> {
+    static HOST: OnceLock<Result<Option<HostConfig>, String>> = OnceLock::new();
+    match HOST.get_or_init(|| HostConfig::load().map_err(|e| e.to_string())) {
+        Ok(cfg) => Ok(cfg.as_ref()),
+        Err(msg) => Err(CliError::bad_input(msg.clone()).with_hint(
+            "fix the host configuration (docs/cli.md, \"Host configuration\"), or point \
+             CLOCKCARRY_CONFIG at the right file",
+        )),
     }
+}
+
+/// The sidecar key: `--key` when given, else the host configuration's
+/// `key_file`, else none. Either way a key that is loaded is mandatory:
+/// sidecars are sealed with it and only sidecars it authenticates are
+/// read. Exit 2 on any problem, the host configuration's included (also
+/// with `--key`), and for a key file others could read or write or that
+/// belongs to another user ([`SidecarKey::from_file`]).
+pub fn load_key(path: Option<&Path>) -> CliResult<Option<SidecarKey>> {
+    let host = host_config()?;
+    let (path, from_host) = match (path, host.and_then(|h| h.key_file.as_deref())) {
+        (Some(p), _) => (p, None),
+        (None, Some(p)) => (p, host.map(|h| h.path.as_path())),
+        (None, None) => return Ok(None),
+    };
+    SidecarKey::from_file(path).map(Some).map_err(|e| {
+        let origin = from_host.map_or_else(String::new, |c| {
+            format!(" (key_file of the host configuration {})", c.display())
+        });
+        match e {
+            SidecarError::Untrusted { .. } => CliError::bad_input(format!("sidecar {e}{origin}"))
+                .with_hint(format!(
+                    "a key others can read or write is no secret: make {} private \
+                     (owned by this user or root, chmod 600), or generate a new one",
+                    path.display()
+                )),
+            _ => CliError::bad_input(format!("sidecar key {}{origin}: {e}", path.display())),
+        }
+    })
 }
 
 /// The exit status and hint for a sidecar that cannot be used.
@@ -40,21 +80,44 @@ pub fn sidecar_error(path: &Path, err: &SidecarError) -> CliError {
         SidecarError::HmacMismatch | SidecarError::KeyIdMismatch { .. } => {
             Some("use the --key the source used, or capture again with this key")
         }
-        SidecarError::HmacMissing => {
-            Some("a key is configured, so unauthenticated sidecars are refused: capture with --key")
-        }
+        SidecarError::HmacMissing => Some(
+            "a sidecar key is in use (--key, or key_file in the host configuration), so \
+             unauthenticated sidecars are refused: capture again with that key",
+        ),
+        SidecarError::Untrusted { .. } => Some(
+            "someone else could have written or replaced it: keep sidecars in a private \
+             directory (the default state directory is 0700), owned by this user or root and \
+             writable by nobody else; if you know where this one came from, copy it there",
+        ),
         _ => None,
     };
-    let e = CliError::bad_input(format!("sidecar {}: {err}", path.display()));
+    let e = match err {
+        // The message names the file already.
+        SidecarError::Untrusted { .. } => CliError::bad_input(err.to_string()),
+        _ => CliError::bad_input(format!("sidecar {}: {err}", path.display())),
+    };
     match hint {
         Some(h) => e.with_hint(h),
         None => e,
     }
 }
 
-/// Reads and verifies a sidecar.
+/// Reads and verifies a sidecar: refused when someone other than this user
+/// or root could have written it ([`sidecar::read_trusted`]), and checked
+/// with `key`, or when `key` is `None` with the key [`load_key`] finds
+/// (the host configuration's), so no caller can read a sidecar
+/// unauthenticated while the host requires a key.
 pub fn read_sidecar(path: &Path, key: Option<&SidecarKey>) -> CliResult<Sidecar> {
-    Sidecar::read_from(path, key).map_err(|e| sidecar_error(path, &e))
+    let loaded;
+    let key = match key {
+        Some(k) => Some(k),
+        None => {
+            loaded = load_key(None)?;
+            loaded.as_ref()
+        }
+    };
+    let bytes = sidecar::read_trusted(path).map_err(|e| sidecar_error(path, &e))?;
+    Sidecar::parse(&bytes, key).map_err(|e| sidecar_error(path, &e))
 }
 
 /// Checks a VM id that will become part of a path: 1 to 128 bytes of

@@ -22,9 +22,13 @@ DESCRIPTION
     quality, the guest TSC rate and every vCPU's offset, the kvm-clock sample
     and PVTI, the capabilities and the integrity block.
 
-    A sidecar that carries an HMAC is accepted without --key on its digest
-    alone (and says so); with --key only files sealed with that key pass.
-    Exits 0 when the sidecar is valid, 2 otherwise, naming the field.";
+    The key is --key, else the key_file of the host configuration
+    (/etc/clockcarry/clockcarry.conf, or $CLOCKCARRY_CONFIG); with a key only
+    files sealed with it pass. With no key at all, a sidecar that carries an
+    HMAC is accepted on its digest alone (and says so). A sidecar others
+    could have written (another owner, group/other-writable, in a directory
+    others may write without the sticky bit) is refused. Exits 0 when the
+    sidecar is valid, 2 otherwise, naming the field or the reason.";
 
 fn after_help() -> String {
     format!(
@@ -43,7 +47,8 @@ pub struct InspectArgs {
     /// The sidecar.
     #[arg(value_name = "FILE")]
     file: PathBuf,
-    /// Verify the HMAC with this key (and refuse files without one).
+    /// Verify the HMAC with this key (and refuse files without one)
+    /// [default: key_file of the host configuration, if any].
     #[arg(long, value_name = "FILE")]
     key: Option<PathBuf>,
     /// Print as JSON.

@@ -117,13 +117,22 @@ pub const SANDBOX_ENV: &[(&str, &str)] = &[
     ("CLOCKCARRY_RUN_DIR", "run"),
     ("CLOCKCARRY_STATE_DIR", "state"),
     ("CLOCKCARRY_LIBVIRT_CONFIG", "libvirt.conf"),
+    ("CLOCKCARRY_CONFIG", "clockcarry.conf"),
 ];
 
 /// Points every path the binary would otherwise take from the host (the
-/// rate cache, the sidecar state directory, the libvirt hook's state and
-/// configuration) into `env_dir`, so a test never writes (or reads) the
-/// real `/run/clockcarry`, `/var/lib/clockcarry` or `/etc/clockcarry`.
+/// rate cache, the sidecar state directory, the host configuration, the
+/// libvirt hook's state and configuration) into `env_dir`, so a test never
+/// writes (or reads) the real `/run/clockcarry`, `/var/lib/clockcarry` or
+/// `/etc/clockcarry`. The host configuration `env_dir/clockcarry.conf` is
+/// created empty (no key required) unless the test wrote one: a
+/// configuration named by `CLOCKCARRY_CONFIG` must exist.
 pub fn sandbox<'a>(c: &'a mut Command, env_dir: &Path) -> &'a mut Command {
+    let conf = env_dir.join("clockcarry.conf");
+    let _ = std::fs::OpenOptions::new()
+        .append(true)
+        .create(true)
+        .open(&conf);
     for (var, name) in SANDBOX_ENV {
         c.env(var, env_dir.join(name));
     }
