@@ -159,7 +159,8 @@ pub enum PlanError {
     },
     #[error(
         "{field}: the destination VM's own state contradicts this sidecar: {reason}; it is \
-         another VM's sidecar, or older than the state the VM was restored from"
+         another VM's sidecar, one older than the state the VM was restored from, or the hosts' \
+         clocks disagree by more than they admit"
     )]
     NotThisVm { field: &'static str, reason: String },
     #[error("vCPU count: sidecar has {sidecar}, destination VM has {destination}")]
