@@ -23,9 +23,11 @@ pub mod model;
 pub mod plan;
 pub mod pvclock;
 pub mod report;
+pub mod request;
 pub mod sidecar;
 pub mod sim;
 pub mod timefmt;
+pub mod validate;
 pub mod vmclock_api;
 
 pub use plan::{plan, Destination, ErrorBound, KvmClockAction, Plan, PlanError, PlanMode};

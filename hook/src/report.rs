@@ -258,6 +258,8 @@ pub struct RestoreReport {
     pub timings: Timings,
     /// The VMM's answer to the PUT, as it came.
     pub vmm_answer: Option<serde_json::Value>,
+    /// The VMM's typed failure of the PUT, when it gave one.
+    pub vmm_failure: Option<crate::vmclock_api::PutFailure>,
     pub plan: Option<Plan>,
     /// The destination measurement, reusable with `clockcarry plan`.
     pub destination: Option<Destination>,

@@ -42,10 +42,10 @@ pub const FORMAT: &str = "clockcarry-sidecar";
 pub const VERSION: u32 = 1;
 /// Largest sidecar accepted, in bytes (a 255-vCPU sidecar is about 20 KiB).
 pub const MAX_SIDECAR_BYTES: usize = 1 << 20;
-/// Most vCPUs a sidecar may describe.
-pub const MAX_VCPUS: u32 = 1024;
 /// Highest TSC rate accepted, in kHz (100 GHz).
-pub const MAX_TSC_KHZ: u32 = 100_000_000;
+pub use crate::validate::MAX_TSC_KHZ;
+/// Most vCPUs a sidecar may describe.
+pub use crate::validate::MAX_VCPUS;
 /// Largest capture uncertainty accepted, in ns (1 s).
 pub const MAX_UNCERTAINTY_NS: u64 = 1_000_000_000;
 /// Largest TAI - UTC offset accepted, in s.

@@ -8,8 +8,10 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::model::{Pvti, VmClock};
-use crate::plan::{KvmClockAction, Plan};
-use crate::sidecar::{MAX_TSC_KHZ, MAX_VCPUS};
+use crate::plan::Plan;
+use crate::request::{ApplyRequest, ClockRequest, FollowVia};
+use crate::validate;
+pub use crate::validate::{FieldError as InvalidField, MAX_TSC_KHZ, MAX_VCPUS};
 
 /// The endpoint, under the VMM's API root.
 pub const VM_CLOCK_ENDPOINT: &str = "/api/v1/vm.clock";
@@ -75,19 +77,21 @@ pub struct ClockPut {
 }
 
 impl ClockPut {
-    /// The body that applies `plan`: its rate, its offsets, and kvm-clock
-    /// following the plan's line (whether the plan chose CLOCK_GUEST or a
-    /// calibrated SET_CLOCK, the VMM picks the ioctl and runs the loop).
-    pub fn from_plan(plan: &Plan, max_error_ns: u64) -> ClockPut {
-        let pvti = plan.kvmclock.pvti();
-        let max_error_ns = match plan.kvmclock {
-            KvmClockAction::SetClock { max_error_ns, .. } => max_error_ns,
-            KvmClockAction::ClockGuest { .. } => max_error_ns,
-        };
-        ClockPut {
-            tsc_khz: plan.tsc_khz,
-            tsc_offsets: plan.tsc_offsets.clone(),
-            kvmclock: Some(KvmClockPut::FollowPvti(FollowPvti {
+    /// The body that applies `plan`: the projection of the plan's one
+    /// request ([`ApplyRequest::from_plan`]), so a VMM reached through the
+    /// API is asked exactly what an in-process apply does. Whether the plan
+    /// chose CLOCK_GUEST or the calibrated SET_CLOCK, the body says
+    /// `follow_pvti` and the VMM picks the ioctl for its kernel.
+    pub fn from_plan(plan: &Plan) -> ClockPut {
+        ClockPut::from_request(&ApplyRequest::from_plan(plan))
+    }
+
+    /// The wire form of a request.
+    pub fn from_request(request: &ApplyRequest) -> ClockPut {
+        let kvmclock = match request.kvmclock {
+            ClockRequest::Follow {
+                pvti, max_error_ns, ..
+            } => Some(KvmClockPut::FollowPvti(FollowPvti {
                 tsc_timestamp: pvti.tsc_timestamp,
                 system_time: pvti.system_time,
                 tsc_to_system_mul: pvti.tsc_to_system_mul,
@@ -95,6 +99,190 @@ impl ClockPut {
                 flags: pvti.flags,
                 max_error_ns,
             })),
+            ClockRequest::Raw {
+                clock_ns,
+                realtime_ns,
+                flags,
+            } => Some(KvmClockPut::SetClock(SetClockPut {
+                clock: clock_ns,
+                realtime: realtime_ns,
+                flags,
+            })),
+            ClockRequest::Leave => None,
+        };
+        ClockPut {
+            tsc_khz: request.tsc_khz,
+            tsc_offsets: request.tsc_offsets.clone(),
+            kvmclock,
+        }
+    }
+}
+
+/// A `PUT vm.clock` body as a request: `follow_pvti` -> [`FollowVia::Best`]
+/// (the VMM's kernel decides the ioctl), `set_clock` ->
+/// [`ClockRequest::Raw`], `null` -> [`ClockRequest::Leave`].
+impl From<&ClockPut> for ApplyRequest {
+    fn from(body: &ClockPut) -> Self {
+        let kvmclock = match body.kvmclock {
+            Some(KvmClockPut::FollowPvti(f)) => ClockRequest::Follow {
+                pvti: f.pvti(),
+                max_error_ns: f.max_error_ns,
+                via: FollowVia::Best,
+            },
+            Some(KvmClockPut::SetClock(s)) => ClockRequest::Raw {
+                clock_ns: s.clock,
+                realtime_ns: s.realtime,
+                flags: s.flags,
+            },
+            None => ClockRequest::Leave,
+        };
+        ApplyRequest {
+            tsc_khz: body.tsc_khz,
+            tsc_offsets: body.tsc_offsets.clone(),
+            kvmclock,
+        }
+    }
+}
+
+/// How a `PUT vm.clock` ended, as the VMM states it in its reply: the one
+/// thing a client decides on (never the reply's text).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PutOutcome {
+    /// Everything asked was applied (200, [`PutApplied`]).
+    Applied,
+    /// The body cannot be applied to this VM; nothing was touched (400).
+    Refused,
+    /// The VM is not in a state that takes a clock (running, or its vCPUs
+    /// ran since the restore); nothing was touched (500).
+    WrongState,
+    /// A step failed and everything done before it was put back (500).
+    RolledBack,
+    /// A step failed and putting things back failed too: the clock state
+    /// is unknown (500). Do not resume the VM.
+    RollbackIncomplete,
+}
+
+/// The answer to a `PUT vm.clock` that applied (HTTP 200).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PutApplied {
+    /// [`PutOutcome::Applied`].
+    pub outcome: PutOutcome,
+    /// What was asked: `follow_pvti`, `set_clock` or `none`.
+    pub kvmclock_request: String,
+    /// How kvm-clock was set: `clock_guest`, `set_clock` or `none`.
+    pub kvmclock_method: String,
+    /// kvm-clock minus the requested line after the last call, ns, from
+    /// KVM_GET_CLOCK's pair (`follow_pvti` only).
+    pub kvmclock_error_ns: Option<i64>,
+    /// The error lies in the request's window `[0, max_error_ns]` above the
+    /// line (`follow_pvti` only).
+    pub kvmclock_within_target: Option<bool>,
+    pub kvmclock_tries: u32,
+    /// The TSC rate set (`None`: unchanged).
+    pub tsc_khz_set: Option<u32>,
+    pub tsc_offsets_applied: Vec<i64>,
+    pub tsc_offsets_read_back: Vec<i64>,
+    /// False where the kernel ignores offset writes.
+    pub tsc_offsets_effective: bool,
+    /// Calls the kernel refused that were tolerated (e.g. KVMCLOCK_CTRL's
+    /// EINVAL), one line each.
+    pub refused: Vec<String>,
+}
+
+/// One step of a rollback.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RollbackStep {
+    /// `frequency`, `offsets` or `kvmclock`.
+    pub step: String,
+    /// The step's previous state is back.
+    pub ok: bool,
+    /// What was put back, or why it could not be.
+    pub detail: String,
+}
+
+/// What the VMM did to undo a failed apply.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RollbackOutcome {
+    /// Every step that had changed something is back as it was.
+    pub complete: bool,
+    pub steps: Vec<RollbackStep>,
+}
+
+/// The answer to a `PUT vm.clock` that did not apply (HTTP 4xx/5xx): the
+/// outcome, Cloud Hypervisor's error chain for people, the step that failed
+/// and the rollback.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PutFailure {
+    pub outcome: PutOutcome,
+    /// The error chain, outermost first (for people; never parsed).
+    pub messages: Vec<String>,
+    /// The step that failed (`rolled_back` / `rollback_incomplete`).
+    pub failed_step: Option<String>,
+    /// What was undone (`rolled_back` / `rollback_incomplete`).
+    pub rollback: Option<RollbackOutcome>,
+}
+
+impl PutFailure {
+    /// A failure that touched nothing.
+    pub fn untouched(outcome: PutOutcome, messages: Vec<String>) -> PutFailure {
+        PutFailure {
+            outcome,
+            messages,
+            failed_step: None,
+            rollback: None,
+        }
+    }
+
+    /// The status a VMM answers it with: 400 for a refused body, 500 else.
+    pub fn status(&self) -> u16 {
+        match self.outcome {
+            PutOutcome::Refused => 400,
+            _ => 500,
+        }
+    }
+}
+
+/// The apply's rollback report as the wire's, per step.
+#[cfg(feature = "kvm")]
+impl From<&crate::kvm::RollbackReport> for RollbackOutcome {
+    fn from(r: &crate::kvm::RollbackReport) -> RollbackOutcome {
+        let mut steps = Vec::new();
+        if r.frequency_restored_vcpus > 0 {
+            steps.push(RollbackStep {
+                step: "frequency".into(),
+                ok: true,
+                detail: format!("rate restored on {} vCPUs", r.frequency_restored_vcpus),
+            });
+        }
+        if r.offsets_restored_vcpus > 0 {
+            steps.push(RollbackStep {
+                step: "offsets".into(),
+                ok: true,
+                detail: format!("offsets restored on {} vCPUs", r.offsets_restored_vcpus),
+            });
+        }
+        if let Some(ok) = r.clock_restored {
+            steps.push(RollbackStep {
+                step: "kvmclock".into(),
+                ok,
+                detail: if ok {
+                    "kvm-clock set back to its previous reading".into()
+                } else {
+                    "kvm-clock could not be set back".into()
+                },
+            });
+        }
+        for f in &r.failures {
+            steps.push(RollbackStep {
+                step: "failure".into(),
+                ok: false,
+                detail: clip(f),
+            });
+        }
+        RollbackOutcome {
+            complete: r.failures.is_empty(),
+            steps,
         }
     }
 }
@@ -103,160 +291,78 @@ impl ClockPut {
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct PutAnswer {
     pub status: u16,
-    /// The answer's JSON body (`None` for an empty body, e.g. 204).
+    /// The typed reply (`None` for an empty body, e.g. 204, from a VMM that
+    /// reports nothing).
+    pub reply: Option<PutApplied>,
+    /// The answer's JSON body as it came.
     pub body: Option<Value>,
 }
 
 impl PutAnswer {
-    /// The kvm-clock error the VMM says it reached, in ns, if it says so.
-    /// Looks for `kvmclock_error_ns`, then `kvmclock.error_ns`, then
-    /// `kvmclock.outcome.error_ns`.
+    /// The kvm-clock error the VMM says it reached, in ns.
     pub fn kvmclock_error_ns(&self) -> Option<i64> {
-        let body = self.body.as_ref()?;
-        let paths: [&[&str]; 4] = [
-            &["kvmclock_error_ns"],
-            &["kvmclock", "error_ns"],
-            &["kvmclock", "outcome", "error_ns"],
-            &["kvmclock", "error_reached_ns"],
-        ];
-        paths.iter().find_map(|path| {
-            let mut v = body;
-            for key in *path {
-                v = v.get(key)?;
-            }
-            v.as_i64()
-        })
+        self.reply.as_ref()?.kvmclock_error_ns
     }
 
-    /// How the VMM says it set kvm-clock (`clock_guest`, `set_clock`,
-    /// `none`): `kvmclock_method`, else `kvmclock.method`.
+    /// How the VMM says it set kvm-clock (`clock_guest`, `set_clock`, `none`).
     pub fn kvmclock_method(&self) -> Option<String> {
-        let body = self.body.as_ref()?;
-        body.get("kvmclock_method")
-            .or_else(|| body.get("kvmclock").and_then(|k| k.get("method")))
-            .and_then(Value::as_str)
-            .map(clip)
+        self.reply.as_ref().map(|r| clip(&r.kvmclock_method))
     }
 
-    /// Whether the VMM says the offsets took effect (`tsc_offsets_effective`).
+    /// Whether the VMM says the offsets took effect.
     pub fn tsc_offsets_effective(&self) -> Option<bool> {
-        self.body
-            .as_ref()?
-            .get("tsc_offsets_effective")
-            .and_then(Value::as_bool)
+        self.reply.as_ref().map(|r| r.tsc_offsets_effective)
     }
 
-    /// Strings the VMM lists as refused by the kernel (`refused`), if any.
+    /// Calls the VMM says the kernel refused (and it tolerated).
     pub fn refused(&self) -> Vec<String> {
-        let Some(list) = self.body.as_ref().and_then(|b| b.get("refused")) else {
-            return Vec::new();
-        };
-        match list {
-            Value::Array(items) => items
-                .iter()
-                .map(|v| match v {
-                    Value::String(s) => clip(s),
-                    other => clip(&other.to_string()),
-                })
-                .collect(),
-            Value::Null => Vec::new(),
-            other => vec![clip(&other.to_string())],
-        }
+        self.reply
+            .as_ref()
+            .map(|r| r.refused.iter().map(|s| clip(s)).collect())
+            .unwrap_or_default()
     }
 }
 
-/// A field of a `GET vm.clock` answer that cannot be accepted.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("field `{field}` {reason}")]
-pub struct InvalidField {
-    pub field: String,
-    pub reason: String,
+/// Parses a 2xx `PUT vm.clock` body: empty (a VMM reporting nothing) or a
+/// [`PutApplied`] whose outcome is `applied`.
+pub fn parse_put_applied(body: &[u8]) -> Result<(Option<PutApplied>, Option<Value>), InvalidField> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok((None, None));
+    }
+    let value: Value = serde_json::from_slice(body)
+        .map_err(|e| invalid(".", format!("is not JSON ({e}): {}", quote_bytes(body))))?;
+    let reply: PutApplied = serde_path_to_error::deserialize(value.clone()).map_err(|err| {
+        invalid(
+            err.path().to_string(),
+            format!("is not acceptable: {}", clip(&err.inner().to_string())),
+        )
+    })?;
+    if reply.outcome != PutOutcome::Applied {
+        return Err(invalid(
+            "outcome",
+            format!("is {:?} in a success answer", reply.outcome),
+        ));
+    }
+    Ok((Some(reply), Some(value)))
+}
+
+/// Parses a non-2xx `PUT vm.clock` body as a [`PutFailure`]; `None` when it
+/// is not one (a VMM without typed failures, or an error from its HTTP
+/// layer), which a client must treat as "unknown what happened" unless a
+/// read-back shows nothing changed.
+pub fn parse_put_failure(body: &[u8]) -> Option<PutFailure> {
+    let failure: PutFailure = serde_json::from_slice(body).ok()?;
+    (failure.outcome != PutOutcome::Applied).then_some(failure)
 }
 
 fn invalid(field: impl Into<String>, reason: impl Into<String>) -> InvalidField {
-    InvalidField {
-        field: field.into(),
-        reason: reason.into(),
-    }
+    InvalidField::new(field, reason)
 }
 
 /// The semantic checks on a `GET vm.clock` answer (types are checked by
-/// parsing): 1 to [`MAX_VCPUS`] vCPUs with unique ids, a TSC rate of 1 kHz
-/// to [`MAX_TSC_KHZ`], a PVTI with a non-zero multiplier and a shift KVM can
-/// produce, a PVTI source exactly when there is a PVTI, a sane scaling ratio.
+/// parsing): the VM clock rules of [`crate::validate::vm_clock`].
 pub fn validate_vm_clock(clock: &VmClock) -> Result<(), InvalidField> {
-    let count = clock.vcpus.len();
-    if count == 0 {
-        return Err(invalid("vcpus", "is empty: a VM has at least one vCPU"));
-    }
-    if count > usize::try_from(MAX_VCPUS).unwrap_or(usize::MAX) {
-        return Err(invalid(
-            "vcpus",
-            format!("lists {count} vCPUs; at most {MAX_VCPUS} are accepted"),
-        ));
-    }
-    let mut ids: Vec<u32> = clock.vcpus.iter().map(|v| v.id).collect();
-    ids.sort_unstable();
-    if let Some(dup) = ids.windows(2).find_map(|w| match w {
-        [a, b] if a == b => Some(*a),
-        _ => None,
-    }) {
-        return Err(invalid(
-            "vcpus",
-            format!("lists vCPU id {dup} more than once"),
-        ));
-    }
-    if clock.tsc_khz == 0 {
-        return Err(invalid("tsc_khz", "is 0: a TSC rate of zero is impossible"));
-    }
-    if clock.tsc_khz > MAX_TSC_KHZ {
-        return Err(invalid(
-            "tsc_khz",
-            format!(
-                "is {} kHz; at most {MAX_TSC_KHZ} kHz is accepted",
-                clock.tsc_khz
-            ),
-        ));
-    }
-    if let Some(pvti) = &clock.pvti {
-        if pvti.tsc_to_system_mul == 0 {
-            return Err(invalid(
-                "pvti.tsc_to_system_mul",
-                "is 0: the TSC-to-ns line would be flat",
-            ));
-        }
-        if !(-32..=32).contains(&pvti.tsc_shift) {
-            return Err(invalid(
-                "pvti.tsc_shift",
-                format!("is {}; KVM produces shifts in -32..=32", pvti.tsc_shift),
-            ));
-        }
-    }
-    match (clock.pvti.is_some(), clock.pvti_source.is_some()) {
-        (true, false) => {
-            return Err(invalid(
-                "pvti_source",
-                "is absent although pvti is present: the VMM must say where the PVTI came from",
-            ))
-        }
-        (false, true) => return Err(invalid("pvti_source", "is present although pvti is absent")),
-        _ => {}
-    }
-    if let Some(scaling) = &clock.tsc_scaling {
-        if scaling.frac_bits != 32 && scaling.frac_bits != 48 {
-            return Err(invalid(
-                "tsc_scaling.frac_bits",
-                format!(
-                    "is {}; hardware uses 48 (Intel VMX) or 32 (AMD SVM)",
-                    scaling.frac_bits
-                ),
-            ));
-        }
-        if scaling.ratio == 0 {
-            return Err(invalid("tsc_scaling.ratio", "is 0"));
-        }
-    }
-    Ok(())
+    validate::vm_clock(clock)
 }
 
 /// Parses and checks a `GET vm.clock` body.
@@ -283,6 +389,9 @@ pub fn parse_vm_clock(body: &[u8]) -> Result<VmClock, InvalidField> {
 pub fn error_messages(body: &[u8]) -> Vec<String> {
     if body.iter().all(u8::is_ascii_whitespace) {
         return Vec::new();
+    }
+    if let Some(f) = parse_put_failure(body) {
+        return f.messages.iter().map(|m| clip(m)).collect();
     }
     match serde_json::from_slice::<Value>(body) {
         Ok(Value::Array(items)) => items

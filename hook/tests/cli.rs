@@ -838,7 +838,55 @@ fn restore_when_the_vmm_fails_and_rolls_back() {
     let r = restore(&s, &["--json"]);
     r.expect(5).stderr_has("rolled back");
     assert_eq!(r.json()["outcome"], "rolled_back");
+    assert_eq!(r.json()["vmm_failure"]["outcome"], "rolled_back");
+    assert_eq!(r.json()["vmm_failure"]["rollback"]["complete"], true);
     assert_eq!(s.vmm.offsets(), before);
+}
+
+/// The VMM's typed `rollback_incomplete`: exit 6 (do not resume), whatever
+/// a read-back shows.
+#[test]
+fn restore_when_the_vmm_cannot_roll_back() {
+    let s = setup("incomplete");
+    s.vmm
+        .with(|st| st.put = PutBehavior::FailRollbackIncomplete);
+    let r = restore(&s, &["--json"]);
+    r.expect(6).stderr_has("could not roll back");
+    assert_eq!(r.json()["outcome"], "unknown");
+    assert_eq!(r.json()["vmm_failure"]["rollback"]["complete"], false);
+}
+
+/// No error text is parsed: an untyped error whose words say "rolled back"
+/// or "ROLLBACK INCOMPLETE" is a refusal when the read-back shows nothing
+/// changed (exit 4), and unknown when it shows a change (exit 6).
+#[test]
+fn restore_never_decides_on_error_text() {
+    let s = setup("untyped");
+    let before = s.vmm.offsets();
+    for words in [
+        "apply failed; rolled back (2 offsets)",
+        "ROLLBACK INCOMPLETE: errno 5",
+    ] {
+        s.vmm.with(|st| {
+            st.put = PutBehavior::RefuseUntyped(500, vec!["Error from API".into(), words.into()])
+        });
+        let r = restore(&s, &["--json"]);
+        r.expect(4).stderr_has("no typed reply");
+        assert_eq!(r.json()["outcome"], "vmm_error");
+        assert!(r.json()["vmm_failure"].is_null());
+        assert_eq!(s.vmm.offsets(), before);
+    }
+    // The same words, but the PUT did change the offsets: unknown (6).
+    let frozen = before[0] - i64::from(cli_support::host_khz()) * 1000;
+    s.vmm.with(|st| {
+        st.put = PutBehavior::ChangeUntyped(500, vec!["rolled back".into()]);
+        for v in &mut st.vm.vcpus {
+            v.tsc_offset = frozen;
+        }
+    });
+    let r = restore(&s, &["--json"]);
+    r.expect(6).stderr_has("CHANGED");
+    assert_eq!(r.json()["outcome"], "unknown");
 }
 
 #[test]

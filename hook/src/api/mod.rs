@@ -18,9 +18,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::model::VmClock;
-use crate::vmclock_api::quote_bytes;
 pub use crate::vmclock_api::*;
-use serde_json::Value;
 
 /// Path of the VMM liveness endpoint.
 pub const VMM_PING_ENDPOINT: &str = "/api/v1/vmm.ping";
@@ -73,6 +71,8 @@ pub enum ApiError {
         status: u16,
         /// The VMM's error strings (Cloud Hypervisor: a JSON array of strings).
         messages: Vec<String>,
+        /// The typed failure of a `PUT vm.clock` (`None`: the VMM gave none).
+        failure: Option<Box<PutFailure>>,
     },
     #[error("VMM API {method} {endpoint}: unacceptable answer: {reason}")]
     BadResponse {
@@ -207,18 +207,16 @@ impl ApiClient {
         })?;
         let (status, body) = self.call("PUT", VM_CLOCK_ENDPOINT, Some(&bytes))?;
         self.expect_success("PUT", VM_CLOCK_ENDPOINT, status, &body)?;
-        let body = if body.iter().all(u8::is_ascii_whitespace) {
-            None
-        } else {
-            Some(
-                serde_json::from_slice::<Value>(&body).map_err(|e| ApiError::BadResponse {
-                    method: "PUT",
-                    endpoint: VM_CLOCK_ENDPOINT,
-                    reason: format!("the body is not JSON ({e}): {}", quote_bytes(&body)),
-                })?,
-            )
-        };
-        Ok(PutAnswer { status, body })
+        let (reply, value) = parse_put_applied(&body).map_err(|e| ApiError::BadResponse {
+            method: "PUT",
+            endpoint: VM_CLOCK_ENDPOINT,
+            reason: e.to_string(),
+        })?;
+        Ok(PutAnswer {
+            status,
+            reply,
+            body: value,
+        })
     }
 
     fn expect_success(
@@ -231,11 +229,15 @@ impl ApiClient {
         if (200..300).contains(&status) {
             return Ok(());
         }
+        let failure = (method == "PUT" && endpoint == VM_CLOCK_ENDPOINT)
+            .then(|| parse_put_failure(body).map(Box::new))
+            .flatten();
         Err(ApiError::Vmm {
             method,
             endpoint,
             status,
             messages: error_messages(body),
+            failure,
         })
     }
 

@@ -181,6 +181,7 @@ pub fn run(args: &PlanArgs) -> CliResult<Exit> {
             warnings: Vec::new(),
             timings: Default::default(),
             vmm_answer: None,
+            vmm_failure: None,
             plan: None,
             destination: None,
         };

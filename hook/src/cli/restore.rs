@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use clap::Args;
-use clockcarry::api::{ApiClient, ApiError, ClockPut};
+use clockcarry::api::{ApiClient, ApiError, ClockPut, PutOutcome};
 use clockcarry::host;
 use clockcarry::model::{ClockPolicy, OnFailure, Policy, RunState, VmClock};
 use clockcarry::plan::{self, Destination, Plan, PlanMode};
@@ -197,6 +197,7 @@ pub fn run(args: &RestoreArgs) -> CliResult<Exit> {
                 ..Timings::default()
             },
             vmm_answer: None,
+            vmm_failure: None,
             plan: None,
             destination: None,
         },
@@ -348,7 +349,7 @@ impl Restore<'_> {
 
     /// PUT, classify a failure, verify, roll back a mismatch.
     fn apply(&mut self, client: &ApiClient, before: &VmClock, plan: &Plan) -> CliResult<()> {
-        let put = ClockPut::from_plan(plan, self.policy.max_kvmclock_error_ns);
+        let put = ClockPut::from_plan(plan);
         let t = Instant::now();
         let answer = client.put_vm_clock(&put);
         self.rep.timings.put_ns = Some(ns_since(t));
@@ -450,26 +451,38 @@ impl Restore<'_> {
             Err(ge) => format!("the state could not be read back: {ge}"),
         };
         self.rep.vm_untouched = now.as_ref().ok().map(|_| unchanged);
-        let said = |needle: &str| match e {
-            ApiError::Vmm { messages, .. } => messages
-                .iter()
-                .any(|m| m.to_ascii_lowercase().contains(needle)),
-            _ => false,
+        // Decided on the VMM's typed outcome and the read-back, never on
+        // the error's text.
+        let failure = match e {
+            ApiError::Vmm { failure, .. } => failure.as_deref(),
+            _ => None,
         };
-        match e {
-            ApiError::Vmm { .. } if said("rollback incomplete") => CliError::new(
-                Exit::Unknown,
-                format!("the VMM failed to apply the clock and could not roll back: {e}; {seen}"),
-            ),
-            ApiError::Vmm { .. } if unchanged && said("rolled back") => CliError::new(
-                Exit::RolledBack,
-                format!("the VMM failed to apply the clock and rolled back: {e}; {seen}"),
-            ),
-            ApiError::Vmm { .. } if unchanged => {
-                CliError::new(Exit::Vmm, format!("the VMM refused the clock: {e}; {seen}"))
-            }
-            _ => CliError::new(Exit::Unknown, format!("PUT vm.clock failed: {e}; {seen}")),
+        if let Some(f) = failure {
+            self.rep.vmm_failure = Some(f.clone());
         }
+        let (exit, what) = match (e, failure.map(|f| f.outcome)) {
+            (_, Some(PutOutcome::RollbackIncomplete)) => (
+                Exit::Unknown,
+                "the VMM failed to apply the clock and could not roll back",
+            ),
+            (_, Some(PutOutcome::RolledBack)) if unchanged => (
+                Exit::RolledBack,
+                "the VMM failed to apply the clock and rolled back",
+            ),
+            (_, Some(PutOutcome::RolledBack)) => (
+                Exit::Unknown,
+                "the VMM says it rolled back, but the read-back disagrees",
+            ),
+            (_, Some(PutOutcome::Refused | PutOutcome::WrongState)) if unchanged => {
+                (Exit::Vmm, "the VMM refused the clock")
+            }
+            (ApiError::Vmm { .. }, None) if unchanged => (
+                Exit::Vmm,
+                "the VMM refused the clock (no typed reply; the read-back shows nothing changed)",
+            ),
+            _ => (Exit::Unknown, "PUT vm.clock failed"),
+        };
+        CliError::new(exit, format!("{what}: {e}; {seen}"))
     }
 
     /// The read-back differs from the plan: put the previous offsets back.

@@ -23,19 +23,22 @@
 //! the vCPU TSC offset attribute only (see docs/kvm.md for why).
 
 pub mod apply;
+pub mod calibrate;
 pub mod caps;
 pub mod capture;
 pub mod guest;
+pub mod ops;
 pub mod selftest;
 pub mod sys;
 
+pub use crate::request::{ApplyRequest, ClockRequest, FollowVia, CLOCK_GUEST_MAX_ERROR_NS};
 pub use apply::{
-    apply, apply_request, apply_with, ApplyError, ApplyOptions, ApplyReport, ApplyRequest,
-    ApplyStep, ClockOps, ClockRequest, FollowVia, KvmOps, KvmclockOutcome, Refusal, RollbackReport,
-    StepRecord, CLOCK_GUEST_MAX_ERROR_NS, DEFAULT_SET_CLOCK_TRIES,
+    apply, apply_request, apply_with, ApplyError, ApplyOptions, ApplyReport, ApplyStep,
+    KvmclockOutcome, Refusal, RollbackReport, StepRecord, DEFAULT_SET_CLOCK_TRIES,
 };
 pub use caps::{probe, KvmProbe, OffsetWriteTest};
 pub use capture::{capture, kvmclock_msr, read_pvti_consistent, PvtiReader};
+pub use ops::{ClockOps, KvmOps};
 pub use sys::PvclockVcpuTimeInfo;
 
 /// Why a KVM operation failed. Every variant names the ioctl (and the vCPU,

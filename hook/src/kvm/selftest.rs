@@ -14,10 +14,11 @@
 use kvm_ioctls::Kvm;
 use serde::{Deserialize, Serialize};
 
-use super::apply::{apply_with, ApplyError, ApplyOptions, ApplyReport, KvmOps};
+use super::apply::{apply_with, ApplyError, ApplyOptions, ApplyReport};
 use super::caps::KvmProbe;
 use super::capture::capture;
 use super::guest::{GuestError, GuestReading, TestVm};
+use super::ops::KvmOps;
 use super::KvmError;
 use crate::host::{self, HostError};
 use crate::model::{Policy, Pvti, RunState};
@@ -151,7 +152,7 @@ fn outcome(
             "VM B's guest has no PVTI after apply".into(),
         ));
     };
-    let a_at_same_tsc = super::apply::line_at(&source_pvti, first.guest_tsc);
+    let a_at_same_tsc = crate::pvclock::line_at_ns(&source_pvti, first.guest_tsc);
     let step = i128::from(first_ns) - a_at_same_tsc;
     Ok(RoundtripOutcome {
         kvmclock_step_ns: i64::try_from(step).unwrap_or(i64::MAX),

@@ -24,6 +24,7 @@ use clockcarry::model::{
     Capabilities, KvmClockSample, Pvti, PvtiSource, RunState, VcpuOffset, VmClock,
 };
 use clockcarry::pvclock::{derive_pvti, guest_tsc, pvclock_read};
+use clockcarry::vmclock_api::{PutFailure, PutOutcome, RollbackOutcome, RollbackStep};
 use serde_json::{json, Value};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_clockcarry");
@@ -168,10 +169,19 @@ pub fn host_khz() -> u32 {
 pub enum PutBehavior {
     /// Apply it, like the reference VMM.
     Apply,
-    /// Answer `status` with these strings, change nothing.
+    /// Answer `status` with a typed failure (400: `refused`, else
+    /// `wrong_state`) carrying these strings, change nothing.
     Refuse(u16, Vec<String>),
-    /// Answer 500 "apply failed ...; rolled back", change nothing.
+    /// Answer `status` with these strings as a bare JSON array (a VMM without
+    /// typed failures), change nothing.
+    RefuseUntyped(u16, Vec<String>),
+    /// Apply the offsets, yet answer `status` with these strings as a bare
+    /// JSON array (a VMM that failed half way and says so only in words).
+    ChangeUntyped(u16, Vec<String>),
+    /// Answer 500 with a typed `rolled_back` failure, change nothing.
     FailRolledBack,
+    /// Answer 500 with a typed `rollback_incomplete` failure, change nothing.
+    FailRollbackIncomplete,
     /// Answer 200 but store other offsets than asked (+1 cycle); a later
     /// PUT is applied normally (so a rollback works).
     ApplyWrongOnce,
@@ -306,7 +316,13 @@ impl FakeState {
                 flags: u8::try_from(g("flags")).unwrap_or(0),
             });
         }
+        let within = follow.map(|f| {
+            let max = f.get("max_error_ns").and_then(Value::as_i64).unwrap_or(0);
+            (0..=max).contains(&self.kvmclock_miss_ns)
+        });
         Ok(json!({
+            "outcome": "applied",
+            "kvmclock_within_target": within,
             "kvmclock_request": if follow.is_some() { "follow_pvti" } else { "none" },
             "kvmclock_method": if follow.is_some() { "set_clock" } else { "none" },
             "kvmclock_error_ns": if follow.is_some() { json!(self.kvmclock_miss_ns) } else { Value::Null },
@@ -415,23 +431,62 @@ fn serve_one(state: &Arc<Mutex<FakeState>>, mut stream: UnixStream) {
                     match st.apply(&value, wrong) {
                         Ok(answer) => respond(&mut stream, 200, &answer.to_string()),
                         Err((status, msgs)) => {
-                            respond(&mut stream, status, &json!(msgs).to_string())
+                            let outcome = if status == 400 {
+                                PutOutcome::Refused
+                            } else {
+                                PutOutcome::WrongState
+                            };
+                            let f = PutFailure::untouched(outcome, msgs);
+                            respond(&mut stream, status, &json!(f).to_string())
                         }
                     }
                 }
                 PutBehavior::Refuse(status, msgs) => {
+                    let outcome = if status == 400 {
+                        PutOutcome::Refused
+                    } else {
+                        PutOutcome::WrongState
+                    };
+                    let f = PutFailure::untouched(outcome, msgs);
+                    respond(&mut stream, status, &json!(f).to_string())
+                }
+                PutBehavior::RefuseUntyped(status, msgs) => {
                     respond(&mut stream, status, &json!(msgs).to_string())
                 }
-                PutBehavior::FailRolledBack => respond(
-                    &mut stream,
-                    500,
-                    &json!([
-                        "Error from API",
-                        "apply failed at TSC offset of vCPU 1: KVM_SET_DEVICE_ATTR on vCPU 1: \
-                         errno 5 (Input/output error); rolled back (2 offsets, 0 frequencies)"
-                    ])
-                    .to_string(),
-                ),
+                PutBehavior::ChangeUntyped(status, msgs) => {
+                    let _ = st.apply(&value, false);
+                    respond(&mut stream, status, &json!(msgs).to_string())
+                }
+                PutBehavior::FailRolledBack | PutBehavior::FailRollbackIncomplete => {
+                    let complete = matches!(st.put, PutBehavior::FailRolledBack);
+                    let mut steps = vec![RollbackStep {
+                        step: "offsets".into(),
+                        ok: true,
+                        detail: "offsets restored on 1 vCPUs".into(),
+                    }];
+                    if !complete {
+                        steps.push(RollbackStep {
+                            step: "failure".into(),
+                            ok: false,
+                            detail: "KVM_SET_DEVICE_ATTR on vCPU 0: errno 5".into(),
+                        });
+                    }
+                    let f = PutFailure {
+                        outcome: if complete {
+                            PutOutcome::RolledBack
+                        } else {
+                            PutOutcome::RollbackIncomplete
+                        },
+                        messages: vec![
+                            "Error from API".into(),
+                            "The VM clock could not be set".into(),
+                            "KVM_SET_DEVICE_ATTR on vCPU 1: errno 5 (Input/output error)".into(),
+                        ],
+                        failed_step: Some("TSC offset of vCPU 1".into()),
+                        rollback: Some(RollbackOutcome { complete, steps }),
+                    };
+                    respond(&mut stream, 500, &json!(f).to_string())
+                }
                 PutBehavior::Hang(ms) => {
                     drop(st);
                     std::thread::sleep(Duration::from_millis(ms));

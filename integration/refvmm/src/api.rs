@@ -27,6 +27,7 @@ use crate::http::{Request, Response};
 use crate::migration::{self, Channel, Header, MemoryTransfer};
 use crate::state::{self, VmConfig};
 use crate::vm::{MemorySource, Vm, VmError, VmOptions, VmState};
+use clockcarry::vmclock_api::{PutFailure, PutOutcome};
 
 /// Root of every endpoint.
 pub const API_ROOT: &str = "/api/v1";
@@ -68,6 +69,8 @@ pub struct ApiFailure {
     pub status: u16,
     /// Cloud Hypervisor's error chain, outermost message first.
     pub chain: Vec<String>,
+    /// `PUT vm.clock` only: the typed failure sent instead of the bare chain.
+    pub clock: Option<PutFailure>,
 }
 
 impl ApiFailure {
@@ -75,6 +78,7 @@ impl ApiFailure {
         ApiFailure {
             status,
             chain: vec!["Error from API".into(), action.into(), cause.to_string()],
+            clock: None,
         }
     }
 
@@ -82,12 +86,38 @@ impl ApiFailure {
         ApiFailure {
             status: 400,
             chain: vec!["Bad Request".into()],
+            clock: None,
         }
     }
 
-    /// The HTTP answer: the status and the chain as a JSON array of strings.
+    /// The same failure as a typed `PUT vm.clock` reply: its outcome (400:
+    /// refused; else the VM's state), the chain as its messages.
+    fn into_clock(self) -> ApiFailure {
+        if self.clock.is_some() {
+            return self;
+        }
+        let outcome = if self.status == 400 {
+            PutOutcome::Refused
+        } else {
+            PutOutcome::WrongState
+        };
+        let clock = PutFailure::untouched(outcome, self.chain.clone());
+        ApiFailure {
+            clock: Some(clock),
+            ..self
+        }
+    }
+
+    /// The HTTP answer: the status and the chain as a JSON array of strings,
+    /// or the typed `PUT vm.clock` failure.
     pub fn response(self) -> Response {
-        Response::error(self.status, &self.chain)
+        match &self.clock {
+            Some(f) => match serde_json::to_string(f) {
+                Ok(body) => Response::json(self.status, body),
+                Err(_) => Response::error(self.status, &self.chain),
+            },
+            None => Response::error(self.status, &self.chain),
+        }
     }
 }
 
@@ -110,10 +140,22 @@ pub fn check_clock_put(body: &ClockPut, vcpus: u32) -> Result<(), ApiFailure> {
 }
 
 fn clock_failure(e: ClockApiError) -> ApiFailure {
-    match e {
+    let outcome = e.outcome();
+    let mut failure = match &e {
         ClockApiError::BadRequest(m) => ApiFailure::api(400, CLOCK_PUT_ACTION, m),
         e => ApiFailure::api(500, CLOCK_PUT_ACTION, e),
-    }
+    };
+    let (failed_step, rollback) = match e {
+        ClockApiError::Failed { step, rollback, .. } => (step, rollback),
+        _ => (None, None),
+    };
+    failure.clock = Some(PutFailure {
+        outcome,
+        messages: failure.chain.clone(),
+        failed_step,
+        rollback,
+    });
+    failure
 }
 
 type ApiResult = Result<Response, ApiFailure>;
@@ -125,6 +167,7 @@ fn parse_body<'a, T: Deserialize<'a>>(body: &'a Option<Vec<u8>>) -> Result<T, Ap
     serde_json::from_slice(bytes).map_err(|e| ApiFailure {
         status: 400,
         chain: vec!["Failed to deserialize JSON".into(), e.to_string()],
+        clock: None,
     })
 }
 
@@ -268,7 +311,9 @@ impl Vmm {
             ("/vm.send-migration", false) => parse_body(&req.body).and_then(|b| self.send(b)),
             ("/vm.receive-migration", false) => parse_body(&req.body).and_then(|b| self.receive(b)),
             ("/vm.clock", true) => self.clock_get(),
-            ("/vm.clock", false) => parse_clock_put(&req.body).and_then(|b| self.clock_put(&b)),
+            ("/vm.clock", false) => parse_clock_put(&req.body)
+                .and_then(|b| self.clock_put(&b))
+                .map_err(ApiFailure::into_clock),
             (
                 "/vmm.ping"
                 | "/vmm.shutdown"
@@ -496,6 +541,7 @@ fn chain(action: &str, middle: &str, e: &VmError) -> ApiFailure {
             middle.into(),
             e.to_string(),
         ],
+        clock: None,
     }
 }
 

@@ -12,9 +12,9 @@
 //! The body's types are the library's own (`clockcarry::vmclock_api`:
 //! [`ClockPut`], [`KvmClockPut`], [`FollowPvti`], [`SetClockPut`]), the same
 //! ones the `clockcarry` client serialises, unknown fields refused. The
-//! answer ([`PutReply`]) carries the members the client's
-//! `vmclock_api::PutAnswer` reads: `kvmclock_error_ns`, `kvmclock_method`,
-//! `tsc_offsets_effective`, `refused`.
+//! answers are the library's typed replies too: [`PutApplied`] (in
+//! [`PutReply`], with the apply report) and, on failure, a [`PutFailure`]
+//! with the outcome and the rollback, per step.
 //!
 //! Applied by the library (`clockcarry::kvm::apply_request` on the body's
 //! `ApplyRequest`) in the order frequency -> offsets -> clock ->
@@ -27,6 +27,8 @@ use clockcarry::kvm::{
     apply_request, capture, ApplyError, ApplyOptions, ApplyReport, ApplyRequest, KvmOps, KvmProbe,
 };
 use clockcarry::model::{Capabilities, RunState, VmClock, KVM_CLOCK_REALTIME};
+use clockcarry::request::RequestError;
+use clockcarry::vmclock_api::{PutApplied, PutOutcome, RollbackOutcome};
 use kvm_ioctls::Kvm;
 use serde::Serialize;
 
@@ -34,25 +36,12 @@ pub use clockcarry::vmclock_api::{ClockPut, FollowPvti, KvmClockPut, SetClockPut
 
 use crate::vm::{Vm, VmState};
 
-/// The answer to a successful PUT (the body of the 200; the client sees it
-/// as `clockcarry::vmclock_api::PutAnswer::body`).
+/// The answer to a successful PUT (the body of the 200): the library's
+/// typed reply, and this VMM's full apply report beside it.
 #[derive(Debug, Clone, Serialize)]
 pub struct PutReply {
-    /// What was asked and done: `follow_pvti`, `set_clock` or `none`.
-    pub kvmclock_request: &'static str,
-    /// How kvm-clock was set: `clock_guest`, `set_clock` or `none`.
-    pub kvmclock_method: &'static str,
-    /// kvm-clock minus the requested line after the last call, ns
-    /// (follow_pvti only; KVM_GET_CLOCK's pair).
-    pub kvmclock_error_ns: Option<i64>,
-    pub kvmclock_tries: u32,
-    pub tsc_khz_set: Option<u32>,
-    pub tsc_offsets_applied: Vec<i64>,
-    pub tsc_offsets_read_back: Vec<i64>,
-    /// False where the kernel ignores offset writes (this machine's kvm_pvm).
-    pub tsc_offsets_effective: bool,
-    /// Calls the kernel refused that were tolerated.
-    pub refused: Vec<String>,
+    #[serde(flatten)]
+    pub applied: PutApplied,
     /// The library's full apply report.
     pub report: ApplyReport,
 }
@@ -67,9 +56,27 @@ pub enum ClockApiError {
     /// 500: the VM is in the wrong state.
     #[error("{0}")]
     WrongState(String),
-    /// 500: a KVM call failed (offsets rolled back).
-    #[error("{0}")]
-    Failed(String),
+    /// 500: a KVM call failed; `rollback` says what was put back.
+    #[error("{message}")]
+    Failed {
+        message: String,
+        step: Option<String>,
+        rollback: Option<RollbackOutcome>,
+    },
+}
+
+impl ClockApiError {
+    /// The outcome a client decides on.
+    pub fn outcome(&self) -> PutOutcome {
+        match self {
+            ClockApiError::BadRequest(_) => PutOutcome::Refused,
+            ClockApiError::WrongState(_) => PutOutcome::WrongState,
+            ClockApiError::Failed { rollback, .. } => match rollback {
+                Some(r) if !r.complete => PutOutcome::RollbackIncomplete,
+                _ => PutOutcome::RolledBack,
+            },
+        }
+    }
 }
 
 /// The capabilities of this kernel, probed once per process.
@@ -119,7 +126,11 @@ pub fn get(vm: &Vm, probed: &ProbedKvm) -> Result<VmClock, ClockApiError> {
     let ram = vm.ram();
     let reader = |gpa: u64| ram.read_32(gpa);
     vm.with_vcpus(|fd, vcpus| capture(fd, vcpus, &probed.caps, Some(&reader), state))
-        .map_err(|e| ClockApiError::Failed(format!("capture: {e}")))
+        .map_err(|e| ClockApiError::Failed {
+            message: format!("capture: {e}"),
+            step: None,
+            rollback: None,
+        })
 }
 
 /// Checks a PUT against the VM before anything is touched: its state, then
@@ -141,35 +152,16 @@ pub fn check_put(vm: &Vm, body: &ClockPut) -> Result<(), ClockApiError> {
 }
 
 /// The checks on a PUT body that need only the VM's vCPU count (400 when
-/// they fail): one offset per vCPU, a non-zero rate, a non-zero multiplier,
-/// `set_clock` flags 0 or KVM_CLOCK_REALTIME.
+/// they fail): the library's one set of request rules
+/// ([`ApplyRequest::validate`]).
 pub fn check_body(body: &ClockPut, vcpus: u32) -> Result<(), ClockApiError> {
     let n = usize::try_from(vcpus).unwrap_or(0);
-    if body.tsc_offsets.len() != n {
-        return Err(ClockApiError::BadRequest(format!(
-            "tsc_offsets has {} entries, the VM has {n} vCPUs",
-            body.tsc_offsets.len()
-        )));
-    }
-    if body.tsc_khz == Some(0) {
-        return Err(ClockApiError::BadRequest("tsc_khz is 0".into()));
-    }
-    match body.kvmclock {
-        Some(KvmClockPut::FollowPvti(f)) if f.tsc_to_system_mul == 0 => Err(
-            ClockApiError::BadRequest("kvmclock.follow_pvti.tsc_to_system_mul is 0".into()),
-        ),
-        Some(KvmClockPut::SetClock(s)) if s.flags & !KVM_CLOCK_REALTIME != 0 => {
-            Err(ClockApiError::BadRequest(format!(
-                "kvmclock.set_clock.flags {:#x}: only 0 or KVM_CLOCK_REALTIME (4)",
-                s.flags
-            )))
-        }
-        _ => Ok(()),
-    }
-}
-
-fn describe_apply_error(e: &ApplyError) -> String {
-    e.to_string()
+    ApplyRequest::from(body).validate(n).map_err(|e| match e {
+        RequestError::VcpuCountMismatch { request, vm } => ClockApiError::BadRequest(format!(
+            "tsc_offsets has {request} entries, the VM has {vm} vCPUs"
+        )),
+        RequestError::Invalid(f) => ClockApiError::BadRequest(f.to_string()),
+    })
 }
 
 /// PUT vm.clock: applies the body through the library. On success the VM
@@ -183,11 +175,15 @@ pub fn put(vm: &mut Vm, probed: &ProbedKvm, body: &ClockPut) -> Result<PutReply,
     let options = probed.apply_options();
     let result =
         vm.with_vcpus(|fd, vcpus| apply_request(&mut KvmOps::new(fd, vcpus), &request, &options));
-    let report = result.map_err(|e| match e {
+    let report = result.map_err(|e| match &e {
         ApplyError::VcpuCountMismatch { .. } | ApplyError::InvalidPlan { .. } => {
-            ClockApiError::BadRequest(describe_apply_error(&e))
+            ClockApiError::BadRequest(e.to_string())
         }
-        ApplyError::Failed { .. } => ClockApiError::Failed(describe_apply_error(&e)),
+        ApplyError::Failed { step, rollback, .. } => ClockApiError::Failed {
+            message: e.to_string(),
+            step: Some(step.to_string()),
+            rollback: Some(RollbackOutcome::from(rollback)),
+        },
     })?;
     vm.mark_clock_put();
     let (method, error, tries) = match (&body.kvmclock, &report.kvmclock) {
@@ -198,27 +194,37 @@ pub fn put(vm: &mut Vm, probed: &ProbedKvm, body: &ClockPut) -> Result<PutReply,
         (Some(KvmClockPut::FollowPvti(_)), Some(o)) => (o.method, o.error_ns, o.tries),
         (Some(KvmClockPut::FollowPvti(_)), None) => ("none", None, 0),
     };
+    let within = report
+        .kvmclock
+        .as_ref()
+        .filter(|_| matches!(body.kvmclock, Some(KvmClockPut::FollowPvti(_))))
+        .map(|o| o.within_max_error);
     Ok(PutReply {
-        kvmclock_request: match body.kvmclock {
-            Some(KvmClockPut::FollowPvti(_)) => "follow_pvti",
-            Some(KvmClockPut::SetClock(_)) => "set_clock",
-            None => "none",
+        applied: PutApplied {
+            outcome: PutOutcome::Applied,
+            kvmclock_request: match body.kvmclock {
+                Some(KvmClockPut::FollowPvti(_)) => "follow_pvti",
+                Some(KvmClockPut::SetClock(_)) => "set_clock",
+                None => "none",
+            }
+            .into(),
+            kvmclock_method: method.into(),
+            kvmclock_error_ns: error,
+            kvmclock_within_target: within,
+            kvmclock_tries: tries,
+            tsc_khz_set: report.frequency_set_khz,
+            tsc_offsets_applied: body.tsc_offsets.clone(),
+            tsc_offsets_read_back: report.offsets_read_back.clone(),
+            tsc_offsets_effective: report.tsc_offsets_effective,
+            refused: report
+                .refused
+                .iter()
+                .map(|r| {
+                    let vcpu = r.vcpu.map_or(String::new(), |v| format!(" on vCPU {v}"));
+                    format!("{}{vcpu}: errno {}", r.ioctl, r.errno)
+                })
+                .collect(),
         },
-        kvmclock_method: method,
-        kvmclock_error_ns: error,
-        kvmclock_tries: tries,
-        tsc_khz_set: report.frequency_set_khz,
-        tsc_offsets_applied: body.tsc_offsets.clone(),
-        tsc_offsets_read_back: report.offsets_read_back.clone(),
-        tsc_offsets_effective: report.tsc_offsets_effective,
-        refused: report
-            .refused
-            .iter()
-            .map(|r| {
-                let vcpu = r.vcpu.map_or(String::new(), |v| format!(" on vCPU {v}"));
-                format!("{}{vcpu}: errno {}", r.ioctl, r.errno)
-            })
-            .collect(),
         report,
     })
 }

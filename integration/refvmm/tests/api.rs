@@ -6,6 +6,7 @@ mod common;
 
 use std::time::Duration;
 
+use clockcarry::vmclock_api::{parse_put_failure, PutOutcome};
 use common::*;
 
 const NOT_RUNNING: &str = "VM is not running";
@@ -250,7 +251,7 @@ fn clock_put_rules_after_restore() {
         (
             r#"{"tsc_khz":0,"tsc_offsets":[0,0],"kvmclock":null}"#,
             400,
-            "tsc_khz is 0",
+            "`tsc_khz` is 0",
         ),
         (
             r#"{"tsc_khz":null,"tsc_offsets":[0,0],"kvmclock":{"set_clock":{"clock":1,"realtime":0,"flags":2}}}"#,
@@ -260,6 +261,11 @@ fn clock_put_rules_after_restore() {
     ];
     for (body, status, needle) in bad {
         expect_error(&dst, "PUT", "vm.clock", Some(body), status, needle);
+        // The same refusal, typed: outcome `refused`, nothing rolled back.
+        let (_, b) = call(&dst, "PUT", "vm.clock", Some(body));
+        let typed = parse_put_failure(b.as_bytes()).unwrap_or_else(|| panic!("untyped: {b}"));
+        assert_eq!(typed.outcome, PutOutcome::Refused, "{b}");
+        assert!(typed.rollback.is_none(), "{b}");
     }
     expect_error(&dst, "PUT", "vm.clock", None, 400, "Bad Request");
     assert_eq!(info(&dst)["clockcarry"]["clock_put"], false);
@@ -270,6 +276,7 @@ fn clock_put_rules_after_restore() {
     let (s, b) = call(&dst, "PUT", "vm.clock", Some(&follow_body(&captured, 2)));
     assert_eq!(s, 200, "{b}");
     let answer: serde_json::Value = serde_json::from_str(&b).expect("json");
+    assert_eq!(answer["outcome"], "applied");
     assert_eq!(answer["kvmclock_request"], "follow_pvti");
     let err = answer["kvmclock_error_ns"]
         .as_i64()
@@ -288,8 +295,17 @@ fn clock_put_rules_after_restore() {
     assert!(b.contains(r#""kvmclock_method":"none""#), "{b}");
     assert_eq!(call(&dst, "PUT", "vm.resume", None).0, 204);
     expect_error(&dst, "PUT", "vm.clock", Some(keep), 500, "not paused");
+    let (_, b) = call(&dst, "PUT", "vm.clock", Some(keep));
+    let typed = parse_put_failure(b.as_bytes()).unwrap_or_else(|| panic!("untyped: {b}"));
+    assert_eq!(typed.outcome, PutOutcome::WrongState, "{b}");
     assert_eq!(call(&dst, "PUT", "vm.pause", None).0, 204);
     expect_error(&dst, "PUT", "vm.clock", Some(keep), 500, "have run");
+    let (_, b) = call(&dst, "PUT", "vm.clock", Some(keep));
+    assert_eq!(
+        parse_put_failure(b.as_bytes()).map(|f| f.outcome),
+        Some(PutOutcome::WrongState),
+        "{b}"
+    );
     dst.shutdown();
 }
 

@@ -9,7 +9,8 @@
 use clockcarry::model::Pvti;
 use clockcarry::plan::{ErrorBound, KvmClockAction, Plan, PlanMode};
 use clockcarry::vmclock_api::{
-    error_messages, ClockPut, FollowPvti, KvmClockPut, PutAnswer, SetClockPut,
+    error_messages, parse_put_applied, parse_put_failure, ClockPut, FollowPvti, KvmClockPut,
+    PutAnswer, PutApplied, PutOutcome, SetClockPut,
 };
 use clockcarry::{ClockPolicy, PvtiSource};
 use clockcarry_refvmm::api::{check_clock_put, parse_clock_put, ApiFailure, CLOCK_PUT_ACTION};
@@ -64,7 +65,7 @@ fn the_clients_bodies_pass_the_vmms_parsing_and_checks() {
     // What `clockcarry restore` sends (ClockPut::from_plan), and the other
     // two kvmclock forms (its rollback sends `"kvmclock": null`).
     let bodies = [
-        ClockPut::from_plan(&plan(vec![-26_566_304_618, -26_566_304_618]), 50),
+        ClockPut::from_plan(&plan(vec![-26_566_304_618, -26_566_304_618])),
         ClockPut {
             tsc_khz: None,
             tsc_offsets: vec![0, 0],
@@ -164,53 +165,60 @@ fn bodies_that_do_not_fit_the_vm_are_refused_with_the_reason() {
         ),
         (
             r#"{"tsc_khz":0,"tsc_offsets":[0,0],"kvmclock":null}"#,
-            "tsc_khz is 0",
+            "field `tsc_khz` is 0 kHz",
         ),
         (
             r#"{"tsc_khz":null,"tsc_offsets":[0,0],"kvmclock":{"follow_pvti":{"tsc_timestamp":1,"system_time":2,"tsc_to_system_mul":0,"tsc_shift":0,"flags":1,"max_error_ns":50}}}"#,
-            "kvmclock.follow_pvti.tsc_to_system_mul is 0",
+            "field `kvmclock.follow_pvti.tsc_to_system_mul` is 0",
         ),
         (
             r#"{"tsc_khz":null,"tsc_offsets":[0,0],"kvmclock":{"set_clock":{"clock":1,"realtime":0,"flags":2}}}"#,
-            "kvmclock.set_clock.flags 0x2: only 0 or KVM_CLOCK_REALTIME (4)",
+            "field `kvmclock.set_clock.flags` is 0x2",
         ),
     ];
     for (body, reason) in cases {
         let put = parse(body).unwrap_or_else(|f| panic!("{body}: {f:?}"));
         let f = check_clock_put(&put, 2).expect_err(body);
+        let wire = f.clone().response().body.unwrap_or_default();
+        let typed = parse_put_failure(wire.as_bytes()).expect("a typed failure");
+        assert_eq!(typed.outcome, PutOutcome::Refused, "{body}");
+        assert!(typed.rollback.is_none(), "{body}: nothing was touched");
         let (status, chain) = wire_chain(f);
         assert_eq!(status, 400, "{body}");
-        assert_eq!(
-            chain,
-            vec![
-                "Error from API".to_string(),
-                CLOCK_PUT_ACTION.to_string(),
-                reason.to_string()
-            ],
-            "{body}"
-        );
+        assert_eq!(chain.len(), 3, "{body}: {chain:?}");
+        assert_eq!(chain[0], "Error from API", "{body}");
+        assert_eq!(chain[1], CLOCK_PUT_ACTION, "{body}");
+        assert!(chain[2].starts_with(reason), "{body}: {chain:?}");
     }
 }
 
 #[test]
 fn the_client_reads_the_vmms_answer() {
     let reply = PutReply {
-        kvmclock_request: "follow_pvti",
-        kvmclock_method: "set_clock",
-        kvmclock_error_ns: Some(-4),
-        kvmclock_tries: 2,
-        tsc_khz_set: None,
-        tsc_offsets_applied: vec![0, 0],
-        tsc_offsets_read_back: vec![0, 0],
-        tsc_offsets_effective: false,
-        refused: vec!["KVM_KVMCLOCK_CTRL on vCPU 1: errno 22".into()],
+        applied: PutApplied {
+            outcome: PutOutcome::Applied,
+            kvmclock_request: "follow_pvti".into(),
+            kvmclock_method: "set_clock".into(),
+            kvmclock_error_ns: Some(4),
+            kvmclock_within_target: Some(true),
+            kvmclock_tries: 2,
+            tsc_khz_set: None,
+            tsc_offsets_applied: vec![0, 0],
+            tsc_offsets_read_back: vec![0, 0],
+            tsc_offsets_effective: false,
+            refused: vec!["KVM_KVMCLOCK_CTRL on vCPU 1: errno 22".into()],
+        },
         report: Default::default(),
     };
+    let bytes = serde_json::to_vec(&reply).expect("serialise");
+    let (typed, body) = parse_put_applied(&bytes).expect("the client reads the reply");
+    assert_eq!(typed.as_ref(), Some(&reply.applied));
     let answer = PutAnswer {
         status: 200,
-        body: Some(serde_json::to_value(&reply).expect("serialise")),
+        reply: typed,
+        body,
     };
-    assert_eq!(answer.kvmclock_error_ns(), Some(-4));
+    assert_eq!(answer.kvmclock_error_ns(), Some(4));
     assert_eq!(answer.kvmclock_method().as_deref(), Some("set_clock"));
     assert_eq!(answer.tsc_offsets_effective(), Some(false));
     assert_eq!(

@@ -201,7 +201,7 @@ impl Carry {
                     offset_estimate: None,
                 };
                 let p = plan(&source, &destination, &policy).map_err(|e| format!("plan: {e}"))?;
-                let put = ClockPut::from_plan(&p, policy.max_kvmclock_error_ns);
+                let put = ClockPut::from_plan(&p);
                 let body = serde_json::to_string(&put).map_err(|e| e.to_string())?;
                 let answer = vmm.ok("PUT", "vm.clock", Some(&body))?;
                 let restore_ns = u64::try_from(started.elapsed().as_nanos()).ok();

@@ -84,8 +84,12 @@ pub fn call(vmm: &VmmProcess, method: &str, endpoint: &str, body: Option<&str>) 
     (r.status, r.body)
 }
 
-/// The error strings of a CH-style error body.
+/// The error strings of a CH-style error body (a JSON array of strings), or
+/// of a typed `PUT vm.clock` failure (its `messages`).
 pub fn messages(body: &str) -> Vec<String> {
+    if let Some(f) = clockcarry::vmclock_api::parse_put_failure(body.as_bytes()) {
+        return f.messages;
+    }
     serde_json::from_str(body).unwrap_or_else(|e| panic!("error body {body:?}: {e}"))
 }
 
