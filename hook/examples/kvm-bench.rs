@@ -207,7 +207,7 @@ fn main() -> ExitCode {
     }
     if json {
         let out = serde_json::json!({
-            "tsc_offsets_effective": probe.capabilities().tsc_offset,
+            "tsc_offsets_effective": probe.capabilities().tsc_offset_effective,
             "clock_guest": probe.clock_guest,
             "rows": rows,
         });
@@ -216,7 +216,7 @@ fn main() -> ExitCode {
     }
     println!(
         "apply() on /dev/kvm (offset writes effective: {}, CLOCK_GUEST: {})",
-        probe.capabilities().tsc_offset,
+        probe.capabilities().tsc_offset_effective,
         probe.clock_guest
     );
     println!(

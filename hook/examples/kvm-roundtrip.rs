@@ -110,7 +110,7 @@ fn main() -> ExitCode {
         let out = json!({
             "kvmclock_step_ns": worst.kvmclock_step_ns,
             "monotonic": monotonic,
-            "tsc_offsets_effective": caps.tsc_offset,
+            "tsc_offsets_effective": caps.tsc_offset_effective,
             "clock_guest": caps.clock_guest,
             "adjust_clock_flags": caps.adjust_clock,
             "runs": outcomes.len(),
@@ -163,7 +163,7 @@ fn main() -> ExitCode {
         println!(
             "  worst step {:+} ns (acceptance <= 1000, goal 50); monotonic {}; \
              TSC offsets effective {}",
-            worst.kvmclock_step_ns, monotonic, caps.tsc_offset
+            worst.kvmclock_step_ns, monotonic, caps.tsc_offset_effective
         );
     }
     ExitCode::SUCCESS

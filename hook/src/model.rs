@@ -162,8 +162,10 @@ pub enum PvtiSource {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub struct Capabilities {
-    /// The vCPU TSC offset attribute exists **and writes take effect**.
-    pub tsc_offset: bool,
+    /// The vCPU TSC offset attribute exists **and writes take effect**
+    /// (`tsc_offset` in sidecar v1 and on the wire).
+    #[serde(rename = "tsc_offset")]
+    pub tsc_offset_effective: bool,
     /// KVM_{GET,SET}_CLOCK_GUEST answered.
     pub clock_guest: bool,
     /// Hardware TSC scaling (KVM_CAP_TSC_CONTROL).

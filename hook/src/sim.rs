@@ -110,7 +110,7 @@ impl SimHost {
     /// The capabilities a VM on this host reports.
     pub fn capabilities(&self) -> Capabilities {
         Capabilities {
-            tsc_offset: true,
+            tsc_offset_effective: true,
             clock_guest: self.clock_guest,
             tsc_scaling: self.scaling_frac_bits.is_some(),
             adjust_clock: KVM_CLOCK_TSC_STABLE | KVM_CLOCK_REALTIME | KVM_CLOCK_HOST_TSC,

@@ -926,7 +926,8 @@ fn restore_without_an_answer_is_unknown() {
 #[test]
 fn restore_says_loudly_when_offsets_are_inert() {
     let s = setup("inert");
-    s.vmm.with(|st| st.vm.capabilities.tsc_offset = false);
+    s.vmm
+        .with(|st| st.vm.capabilities.tsc_offset_effective = false);
     let r = restore(&s, &["--json"]);
     r.expect(0);
     let j = r.json();

@@ -437,7 +437,7 @@ fn any_vm_clock() -> impl Strategy<Value = VmClock> {
             pvti_source: pvti.map(|_| PvtiSource::GuestMemory),
             tsc_scaling: scaling.map(|(ratio, frac_bits)| TscScaling { ratio, frac_bits }),
             capabilities: Capabilities {
-                tsc_offset: true,
+                tsc_offset_effective: true,
                 clock_guest: caps.0,
                 tsc_scaling: caps.1,
                 adjust_clock: caps.2,

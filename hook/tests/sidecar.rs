@@ -91,7 +91,7 @@ fn vm_clock(vcpus: u32) -> VmClock {
         pvti_source: Some(PvtiSource::Derived),
         tsc_scaling: None,
         capabilities: Capabilities {
-            tsc_offset: true,
+            tsc_offset_effective: true,
             clock_guest: false,
             tsc_scaling: false,
             adjust_clock: 14,

@@ -357,7 +357,7 @@ fn is_non_socket(path: &Path) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::vmclock_api::clip;
+    use crate::vmclock_api::text::clip;
 
     #[test]
     fn error_bodies_are_joined() {

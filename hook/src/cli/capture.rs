@@ -134,7 +134,7 @@ pub fn run(args: &CaptureArgs) -> CliResult<Exit> {
     let sample = hostinfo::sample(rate.khz)?;
 
     let mut warnings = Vec::new();
-    if !vm_clock.capabilities.tsc_offset {
+    if !vm_clock.capabilities.tsc_offset_effective {
         warnings.push(
             "the VMM reports TSC offsets inert on this host (capabilities.tsc_offset = false)"
                 .to_string(),
@@ -203,7 +203,7 @@ pub fn run(args: &CaptureArgs) -> CliResult<Exit> {
         synchronised: b.capture.quality.synchronised,
         maxerror_ns: b.capture.quality.maxerror_ns,
         pvti_source: b.vm_clock.pvti_source,
-        tsc_offsets_effective: b.vm_clock.capabilities.tsc_offset,
+        tsc_offsets_effective: b.vm_clock.capabilities.tsc_offset_effective,
         sha256: &sidecar.integrity.sha256,
         key_id: sidecar.integrity.key_id.as_deref(),
         warnings,

@@ -243,7 +243,7 @@ fn human(o: &InspectOutput) -> String {
         "capabilities",
         format!(
             "tsc_offset {}, clock_guest {}, tsc_scaling {}, adjust_clock {}",
-            yes(caps.tsc_offset),
+            yes(caps.tsc_offset_effective),
             yes(caps.clock_guest),
             yes(caps.tsc_scaling),
             caps.adjust_clock

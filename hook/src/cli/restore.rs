@@ -327,7 +327,7 @@ impl Restore<'_> {
         ));
         self.rep.summary = Some(summary);
         self.rep.plan = Some(plan.clone());
-        if !before.capabilities.tsc_offset {
+        if !before.capabilities.tsc_offset_effective {
             self.warn(
                 "TSC OFFSETS ARE INERT ON THIS HOST (the VMM reports capabilities.tsc_offset = \
                  false): the guest TSC will NOT be moved; only kvm-clock is restored"
@@ -370,7 +370,8 @@ impl Restore<'_> {
                 "the kernel refused a step the VMM tolerated: {refused}"
             ));
         }
-        if answer.tsc_offsets_effective() == Some(false) && before.capabilities.tsc_offset {
+        if answer.tsc_offsets_effective() == Some(false) && before.capabilities.tsc_offset_effective
+        {
             self.warn("the VMM reports the TSC offsets did not take effect".to_string());
         }
 
@@ -560,7 +561,8 @@ fn check_vcpu_layout(sidecar: &Sidecar, vm: &VmClock) -> CliResult<()> {
 
 /// Compares the read-back with the plan.
 fn verify(before: &VmClock, after: &VmClock, plan: &Plan) -> Verification {
-    let effective = after.capabilities.tsc_offset && before.capabilities.tsc_offset;
+    let effective =
+        after.capabilities.tsc_offset_effective && before.capabilities.tsc_offset_effective;
     let mismatched_vcpus: Vec<u32> = if effective {
         after
             .vcpus

@@ -68,7 +68,7 @@ impl KvmProbe {
     /// attribute exists **and** writes were seen to take effect.
     pub fn capabilities(&self) -> Capabilities {
         Capabilities {
-            tsc_offset: self.tsc_offset_attr && self.tsc_offset_effective == Some(true),
+            tsc_offset_effective: self.tsc_offset_attr && self.tsc_offset_effective == Some(true),
             clock_guest: self.clock_guest,
             tsc_scaling: self.tsc_control || self.vm_tsc_control,
             adjust_clock: self.adjust_clock_flags,

@@ -240,7 +240,7 @@ pub fn sample_vm(vcpus: u32, state: RunState) -> VmClock {
         pvti_source: Some(PvtiSource::GuestMemory),
         tsc_scaling: None,
         capabilities: Capabilities {
-            tsc_offset: true,
+            tsc_offset_effective: true,
             clock_guest: false,
             tsc_scaling: false,
             adjust_clock: 14,
@@ -293,7 +293,7 @@ impl FakeState {
                 vec!["VM is not paused: vm.clock PUT is only accepted while Paused".into()],
             ));
         }
-        if self.vm.capabilities.tsc_offset {
+        if self.vm.capabilities.tsc_offset_effective {
             for (v, o) in self.vm.vcpus.iter_mut().zip(&offsets) {
                 v.tsc_offset = if wrong { o.wrapping_add(1) } else { *o };
             }
@@ -330,7 +330,7 @@ impl FakeState {
             "tsc_khz_set": body.get("tsc_khz").cloned().unwrap_or(Value::Null),
             "tsc_offsets_applied": offsets,
             "tsc_offsets_read_back": self.vm.vcpus.iter().map(|v| v.tsc_offset).collect::<Vec<_>>(),
-            "tsc_offsets_effective": self.vm.capabilities.tsc_offset,
+            "tsc_offsets_effective": self.vm.capabilities.tsc_offset_effective,
             "refused": [],
         }))
     }
@@ -406,7 +406,7 @@ fn serve_one(state: &Arc<Mutex<FakeState>>, mut stream: UnixStream) {
                 return;
             }
             let vm = st.snapshot();
-            let text = serde_json::to_string(&vm).unwrap_or_default();
+            let text = clockcarry::vmclock_api::vm_clock_json(&vm).unwrap_or_default();
             respond(&mut stream, 200, &text);
         }
         ("PUT", "/api/v1/vm.clock") => {

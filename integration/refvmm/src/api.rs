@@ -515,7 +515,8 @@ impl Vmm {
             return Err(ApiFailure::api(500, action, "VM is not running"));
         };
         let clock = clockapi::get(vm, &probed).map_err(|e| ApiFailure::api(500, action, e))?;
-        let body = serde_json::to_string(&clock).map_err(|e| ApiFailure::api(500, action, e))?;
+        let body = clockcarry::vmclock_api::vm_clock_json(&clock)
+            .map_err(|e| ApiFailure::api(500, action, e))?;
         Ok(Response::json(200, body))
     }
 

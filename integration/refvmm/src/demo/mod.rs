@@ -220,7 +220,7 @@ impl Run<'_> {
             .ok("GET", "vm.clock", None)
             .ok()
             .and_then(|b| serde_json::from_str::<clockcarry::VmClock>(&b).ok())
-            .map(|c| c.capabilities.tsc_offset);
+            .map(|c| c.capabilities.tsc_offset_effective);
     }
 
     fn sidecar(&self) -> PathBuf {
