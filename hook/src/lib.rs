@@ -13,6 +13,7 @@
 
 #[cfg(feature = "http")]
 pub mod api;
+pub mod fsio;
 pub mod host;
 pub mod hostconf;
 #[cfg(all(feature = "kvm", target_os = "linux", target_arch = "x86_64"))]

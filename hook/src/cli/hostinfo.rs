@@ -140,7 +140,7 @@ fn write_cache(dir: &Path, entry: &CacheEntry) {
         }
         let mut bytes = serde_json::to_vec(entry).map_err(|e| e.to_string())?;
         bytes.push(b'\n');
-        clockcarry::sidecar::write_atomic(&dir.join(CACHE_FILE), &bytes).map_err(|e| e.to_string())
+        clockcarry::fsio::write_atomic(&dir.join(CACHE_FILE), &bytes).map_err(|e| e.to_string())
     })();
     if let Err(e) = result {
         log::debug!("host TSC rate not cached in {}: {e}", dir.display());

@@ -99,7 +99,7 @@ pub fn write_report(
         .map_err(|e| LibvirtError::State(format!("serialising the report: {e}")))?;
     bytes.push(b'\n');
     let stamp = compact_stamp(at_ns);
-    let staged = crate::sidecar::StagedFile::create(&dir.join(format!("{uuid}.json.new")), &bytes)
+    let staged = crate::fsio::StagedFile::create(&dir.join(format!("{uuid}.json.new")), &bytes)
         .map_err(|e| LibvirtError::State(format!("staging the report: {e}")))?;
     for n in 1u32..=100 {
         let name = if n == 1 {
