@@ -358,7 +358,10 @@ mod tests {
         let path = Path::new("/nonexistent-clockcarry-dir/state.json");
         let err = write_atomic(path, b"{}").unwrap_err();
         let text = err.to_string();
-        assert!(text.starts_with("I/O on /nonexistent-clockcarry-dir/"), "{text}");
+        assert!(
+            text.starts_with("I/O on /nonexistent-clockcarry-dir/"),
+            "{text}"
+        );
         assert!(!text.contains("sidecar"), "{text}");
         let err = read_bounded(Path::new("/dev/zero"), 16).unwrap_err();
         assert!(matches!(err, FileError::TooLarge { max: 16, .. }), "{err}");

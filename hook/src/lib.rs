@@ -18,15 +18,11 @@ pub mod host;
 pub mod hostconf;
 #[cfg(all(feature = "kvm", target_os = "linux", target_arch = "x86_64"))]
 pub mod kvm;
-#[cfg(feature = "libvirt")]
-pub mod libvirt;
 pub mod model;
 pub mod plan;
 pub mod pvclock;
-pub mod report;
 pub mod request;
 pub mod sidecar;
-pub mod sim;
 pub mod timefmt;
 pub mod validate;
 pub mod vmclock_api;

@@ -15,9 +15,9 @@ use serde::Serialize;
 
 use crate::model::{
     Capabilities, ClockPolicy, HostIdentity, HostSample, OffsetEstimate, Policy, Pvti, PvtiSource,
-    TscScaling, VmClock, KVM_CLOCK_REALTIME,
+    TscScaling, VmClock,
 };
-use crate::pvclock::{derive_pvti, guest_tsc, line_at_ns, ns_to_cycles, pvclock_read, scale_tsc};
+use crate::pvclock::{derive_pvti, guest_tsc, line_at_ns, ns_to_cycles, scale_tsc};
 use crate::sidecar::{SidecarBody, SidecarError};
 
 /// How far a PVTI derived from a KVM_GET_CLOCK pair is lifted above the
@@ -75,16 +75,10 @@ pub enum PlanMode {
 pub enum KvmClockAction {
     /// KVM_SET_CLOCK_GUEST with the source PVTI: the line is restored exactly.
     ClockGuest { pvti: Pvti },
-    /// KVM_SET_CLOCK aimed at the source line: kvm-clock should read
-    /// `clock_ns` at CLOCK_REALTIME `realtime_ns` (honoured when `flags` has
-    /// KVM_CLOCK_REALTIME). `pvti` is the line to verify and correct against.
-    SetClock {
-        clock_ns: u64,
-        realtime_ns: u64,
-        flags: u32,
-        pvti: Pvti,
-        max_error_ns: u64,
-    },
+    /// KVM_SET_CLOCK aimed at the source line and corrected next to the
+    /// ioctls until kvm-clock lies within `[0, max_error_ns]` above `pvti`
+    /// (see `crate::request`): never below it.
+    SetClock { pvti: Pvti, max_error_ns: u64 },
 }
 
 impl KvmClockAction {
@@ -359,19 +353,10 @@ pub fn plan(sidecar: &SidecarBody, dst: &Destination, policy: &Policy) -> Result
 
     let new_first = tsc_offsets.first().copied().unwrap_or(first_offset);
     let guest_tsc_target = guest_tsc(dst.sample.host_tsc, dst_scaling, new_first);
-    let kvmclock = kvmclock_action(
-        &source_pvti,
-        &dst.vm.capabilities,
-        guest_tsc_target,
-        &dst.sample,
-        policy,
-    );
-    if let KvmClockAction::SetClock { .. } = kvmclock {
-        bound.kvmclock_ns = dst
-            .sample
-            .uncertainty_ns
-            .saturating_add(SET_CLOCK_ROUNDING_NS)
-            .saturating_mul(2);
+    let kvmclock = kvmclock_action(&source_pvti, &dst.vm.capabilities, policy);
+    if let KvmClockAction::SetClock { max_error_ns, .. } = kvmclock {
+        // The calibration's window: kvm-clock lands in [0, max] above the line.
+        bound.kvmclock_ns = max_error_ns;
     }
     if pvti_source == PvtiSource::Derived {
         bound.kvmclock_ns = bound.kvmclock_ns.saturating_add(DERIVED_LINE_LIFT_NS);
@@ -725,30 +710,14 @@ fn floor_cycles(
         .unwrap_or(0)
 }
 
-/// Aim KVM_SET_CLOCK at the line. The realtime anchor is known only to
-/// ±uncertainty, so the aim is raised by that much: kvm-clock then lands 0 to
-/// 2 x uncertainty above the line, never below it (nothing goes backwards).
-fn kvmclock_action(
-    pvti: &Pvti,
-    caps: &Capabilities,
-    guest_tsc_target: u64,
-    sample: &HostSample,
-    policy: &Policy,
-) -> KvmClockAction {
+/// kvm-clock onto the source line: installed exactly where the kernel has
+/// KVM_SET_CLOCK_GUEST, else the calibrated KVM_SET_CLOCK with the policy's
+/// window.
+fn kvmclock_action(pvti: &Pvti, caps: &Capabilities, policy: &Policy) -> KvmClockAction {
     if caps.clock_guest {
         return KvmClockAction::ClockGuest { pvti: *pvti };
     }
-    let flags = if caps.adjust_clock & KVM_CLOCK_REALTIME != 0 {
-        KVM_CLOCK_REALTIME
-    } else {
-        0
-    };
     KvmClockAction::SetClock {
-        clock_ns: pvclock_read(pvti, guest_tsc_target)
-            .saturating_add(sample.uncertainty_ns)
-            .saturating_add(SET_CLOCK_ROUNDING_NS),
-        realtime_ns: sample.realtime_ns,
-        flags,
         pvti: *pvti,
         max_error_ns: policy.max_kvmclock_error_ns,
     }

@@ -4,7 +4,7 @@
 //! u128; where the kernel's C would truncate or wrap, the same truncation or
 //! wrap is done on purpose and said so.
 
-use crate::model::{Pvti, TscScaling};
+use crate::model::{Pvti, TscScaling, VmClock};
 
 /// Nanoseconds per second.
 pub const NSEC_PER_SEC: u64 = 1_000_000_000;
@@ -178,6 +178,20 @@ pub fn derive_pvti(
     })
 }
 
+/// kvm-clock minus `line`, in ns, at the instant of `vm`'s KVM_GET_CLOCK
+/// pair: the guest TSC there is the pair's host TSC (scaled) plus vCPU 0's
+/// offset *as read back*. `None` without a host TSC in the pair, without a
+/// vCPU, or when the difference does not fit in i64.
+pub fn kvmclock_error_ns(vm: &VmClock, line: &Pvti) -> Option<i64> {
+    if !vm.kvmclock.has_host_tsc() {
+        return None;
+    }
+    let offset = vm.vcpus.first()?.tsc_offset;
+    let tsc = guest_tsc(vm.kvmclock.host_tsc, vm.tsc_scaling, offset);
+    let expected = pvclock_read(line, tsc);
+    i64::try_from(i128::from(vm.kvmclock.clock_ns) - i128::from(expected)).ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -248,5 +262,44 @@ mod tests {
         let off = offset_for(100, 1_000, None);
         assert_eq!(off, -900);
         assert_eq!(guest_tsc(1_000, None, off), 100);
+    }
+}
+
+#[cfg(test)]
+mod error_tests {
+    use super::*;
+    use crate::model::{Capabilities, KvmClockSample, RunState, VcpuOffset, VmClock};
+
+    #[test]
+    fn kvmclock_error_from_the_pair() {
+        let line = Pvti {
+            tsc_timestamp: 1_000,
+            system_time: 5_000,
+            tsc_to_system_mul: 1 << 31, // 0.5 ns per cycle at shift 0
+            tsc_shift: 0,
+            flags: 1,
+        };
+        let mut vm = VmClock {
+            state: RunState::Paused,
+            tsc_khz: 2_000_000,
+            vcpus: vec![VcpuOffset {
+                id: 0,
+                tsc_offset: 100,
+            }],
+            kvmclock: KvmClockSample {
+                clock_ns: 5_000 + 550 + 7,
+                flags: 14,
+                realtime_ns: 0,
+                host_tsc: 2_000,
+            },
+            pvti: None,
+            pvti_source: None,
+            tsc_scaling: None,
+            capabilities: Capabilities::default(),
+        };
+        // guest TSC 2100: 1100 cycles past the anchor = 550 ns.
+        assert_eq!(kvmclock_error_ns(&vm, &line), Some(7));
+        vm.kvmclock.flags = 6;
+        assert_eq!(kvmclock_error_ns(&vm, &line), None);
     }
 }

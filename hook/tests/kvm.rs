@@ -407,7 +407,6 @@ fn self_plan(vm: &TestVm, delta_cycles: i64) -> Plan {
         .map(|o| o.wrapping_add(delta_cycles))
         .collect();
     let host_tsc = clockcarry::host::read_host_tsc();
-    let realtime_ns = clockcarry::host::realtime_now_ns().expect("realtime");
     let guest_tsc_target = host_tsc.wrapping_add(offsets[0] as u64);
     Plan {
         mode: PlanMode::SameHost,
@@ -415,9 +414,6 @@ fn self_plan(vm: &TestVm, delta_cycles: i64) -> Plan {
         tsc_khz: None,
         tsc_offsets: offsets,
         kvmclock: KvmClockAction::SetClock {
-            clock_ns: pvclock_read(&pvti, guest_tsc_target),
-            realtime_ns,
-            flags: KVM_CLOCK_REALTIME,
             pvti,
             max_error_ns: 50,
         },

@@ -197,9 +197,6 @@ fn plan_for(kvm: &FakeKvm, delta: i64, action: &str) -> Plan {
     let kvmclock = match action {
         "clock_guest" => KvmClockAction::ClockGuest { pvti },
         _ => KvmClockAction::SetClock {
-            clock_ns: pvclock_read(&pvti, guest_tsc_target),
-            realtime_ns: REALTIME_BASE_NS + dst_host_tsc,
-            flags: KVM_CLOCK_REALTIME,
             pvti,
             max_error_ns: 50,
         },
@@ -671,16 +668,12 @@ proptest! {
         vcpu in 0usize..8,
         errno in prop_oneof![Just(libc::EINVAL), Just(libc::EIO), Just(libc::EFAULT)],
         clock_guest in any::<bool>(),
-        clock_ns in any::<u64>(),
     ) {
         let mut kvm = FakeKvm::new(n);
         let before = (kvm.offsets.clone(), kvm.khz.clone());
         kvm.fault = Some((op, vcpu, errno));
         let mut plan = plan_for(&kvm, delta, if clock_guest { "clock_guest" } else { "set_clock" });
         plan.tsc_khz = khz;
-        if let KvmClockAction::SetClock { clock_ns: c, .. } = &mut plan.kvmclock {
-            *c = clock_ns;
-        }
         match apply_with(&mut kvm, &plan, &ApplyOptions::default()) {
             Ok(report) => {
                 prop_assert_eq!(&report.offsets_read_back, &plan.tsc_offsets);

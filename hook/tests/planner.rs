@@ -6,8 +6,11 @@ use clockcarry::model::{ClockPolicy, Policy, RunState};
 use clockcarry::plan::{plan, Destination, KvmClockAction, PlanError, PlanMode};
 use clockcarry::pvclock::{ns_to_cycles, pvclock_read};
 use clockcarry::sidecar::SidecarBody;
-use clockcarry::sim::{SimHost, SimVm};
+#[path = "support/sim.rs"]
+mod sim;
+
 use proptest::prelude::*;
+use sim::{SimHost, SimVm};
 
 /// One migration of a simulated VM.
 #[derive(Debug, Clone)]

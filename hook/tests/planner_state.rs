@@ -7,7 +7,12 @@ use clockcarry::model::{ClockPolicy, Policy, PvtiSource, RunState};
 use clockcarry::plan::{plan, Destination, PlanError, PlanMode, VM_STATE_SLACK_NS};
 use clockcarry::pvclock::{guest_tsc, line_at_ns, ns_to_cycles, pvclock_read};
 use clockcarry::sidecar::SidecarBody;
-use clockcarry::sim::{SimHost, SimVm};
+// Shared test support; this file uses its hosts and VMs, not its apply.
+#[allow(dead_code)]
+#[path = "support/sim.rs"]
+mod sim;
+
+use sim::{SimHost, SimVm};
 
 const KHZ: u32 = 2_445_411;
 const S: u64 = 1_000_000_000;

@@ -41,9 +41,6 @@ fn plan(offsets: Vec<i64>) -> Plan {
         tsc_khz: Some(2_445_411),
         tsc_offsets: offsets,
         kvmclock: KvmClockAction::SetClock {
-            clock_ns: 1,
-            realtime_ns: 2,
-            flags: 4,
             pvti,
             max_error_ns: 50,
         },

@@ -603,8 +603,10 @@ fn find_refvmm() -> Result<PathBuf, String> {
     if candidate.is_file() {
         return Ok(candidate);
     }
+    // hook/cli -> the workspace root.
     let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
+        .and_then(Path::parent)
         .ok_or("no workspace")?;
     let manifest = workspace.join("integration/refvmm/Cargo.toml");
     if !manifest.is_file() {

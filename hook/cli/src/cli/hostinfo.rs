@@ -149,7 +149,7 @@ fn write_cache(dir: &Path, entry: &CacheEntry) {
 
 /// `KVM_GET_TSC_KHZ` on a scratch VM: the rate KVM gives a new vCPU, which
 /// is the host's own `tsc_khz`.
-#[cfg(all(feature = "kvm", target_os = "linux", target_arch = "x86_64"))]
+#[cfg(all(target_os = "linux", target_arch = "x86_64"))]
 fn kvm_tsc_khz() -> Option<u32> {
     use clockcarry::kvm::sys;
     if !Path::new("/dev/kvm").exists() {
@@ -177,7 +177,7 @@ fn kvm_tsc_khz() -> Option<u32> {
         .filter(|k| *k > 0)
 }
 
-#[cfg(not(all(feature = "kvm", target_os = "linux", target_arch = "x86_64")))]
+#[cfg(not(all(target_os = "linux", target_arch = "x86_64")))]
 fn kvm_tsc_khz() -> Option<u32> {
     None
 }

@@ -11,6 +11,7 @@ mod inspect;
 mod lock;
 mod logger;
 mod offline;
+mod report;
 mod restore;
 mod units;
 
@@ -313,7 +314,7 @@ pub fn run(args: Vec<OsString>) -> ExitCode {
 
 /// `clockcarry libvirt ...`: the libvirt module parses its own words.
 fn libvirt_command(args: &[OsString]) -> ExitCode {
-    let code = clockcarry::libvirt::command_main(args);
+    let code = clockcarry_libvirt::command_main(args);
     ExitCode::from(u8::try_from(code).unwrap_or(1))
 }
 

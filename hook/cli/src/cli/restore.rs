@@ -8,14 +8,14 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
+use super::report::{
+    self, KvmClockReport, Outcome, PlanSummary, RestoreReport, Timings, Verification,
+};
 use clap::Args;
 use clockcarry::api::{ApiClient, ApiError, ClockPut, PutOutcome};
 use clockcarry::host;
 use clockcarry::model::{ClockPolicy, OnFailure, Policy, RunState, VmClock};
 use clockcarry::plan::{self, Destination, Plan, PlanMode};
-use clockcarry::report::{
-    self, KvmClockReport, Outcome, PlanSummary, RestoreReport, Timings, Verification,
-};
 use clockcarry::sidecar::Sidecar;
 
 use super::common::{self, api_error, plan_error, print_json, print_text};
@@ -385,7 +385,8 @@ impl Restore<'_> {
         self.rep.timings.verify_ns = Some(ns_since(t));
         let verification = verify(before, &after, plan);
         if let Some(k) = self.rep.kvmclock.as_mut() {
-            k.verified_error_ns = report::kvmclock_error_ns(&after, plan.kvmclock.pvti());
+            k.verified_error_ns =
+                clockcarry::pvclock::kvmclock_error_ns(&after, plan.kvmclock.pvti());
         }
         if !verification.still_paused {
             self.warn(format!(

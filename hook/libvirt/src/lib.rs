@@ -139,7 +139,7 @@ impl HookEnv {
 
 /// CLOCK_REALTIME in ns (0 if the clock cannot be read).
 pub(crate) fn now_ns() -> u64 {
-    crate::host::realtime_now_ns().unwrap_or(0)
+    clockcarry::host::realtime_now_ns().unwrap_or(0)
 }
 
 /// The hook: `argv` holds the arguments after the program name (`NAME OP

@@ -88,7 +88,7 @@ struct Item {
 struct CheckOutput {
     ready: bool,
     checks: Vec<Item>,
-    #[cfg(all(feature = "kvm", target_os = "linux", target_arch = "x86_64"))]
+    #[cfg(all(target_os = "linux", target_arch = "x86_64"))]
     kvm_probe: Option<clockcarry::kvm::KvmProbe>,
 }
 
@@ -240,7 +240,7 @@ fn host_checks(args: &CheckArgs, items: &mut Vec<Item>) {
     }
 }
 
-#[cfg(all(feature = "kvm", target_os = "linux", target_arch = "x86_64"))]
+#[cfg(all(target_os = "linux", target_arch = "x86_64"))]
 fn kvm_checks(items: &mut Vec<Item>) -> Option<clockcarry::kvm::KvmProbe> {
     use clockcarry::kvm::guest::TestVm;
     use clockcarry::kvm::KvmProbe;
@@ -371,14 +371,14 @@ fn kvm_checks(items: &mut Vec<Item>) -> Option<clockcarry::kvm::KvmProbe> {
 pub fn run(args: &CheckArgs) -> CliResult<Exit> {
     let mut items = Vec::new();
     host_checks(args, &mut items);
-    #[cfg(all(feature = "kvm", target_os = "linux", target_arch = "x86_64"))]
+    #[cfg(all(target_os = "linux", target_arch = "x86_64"))]
     let kvm_probe = if args.no_kvm {
         items.push(item("kvm", Status::Skip, "skipped", "--no-kvm"));
         None
     } else {
         kvm_checks(&mut items)
     };
-    #[cfg(not(all(feature = "kvm", target_os = "linux", target_arch = "x86_64")))]
+    #[cfg(not(all(target_os = "linux", target_arch = "x86_64")))]
     items.push(item(
         "kvm",
         Status::Skip,
@@ -389,7 +389,7 @@ pub fn run(args: &CheckArgs) -> CliResult<Exit> {
     let out = CheckOutput {
         ready,
         checks: items,
-        #[cfg(all(feature = "kvm", target_os = "linux", target_arch = "x86_64"))]
+        #[cfg(all(target_os = "linux", target_arch = "x86_64"))]
         kvm_probe,
     };
     if args.json {

@@ -3,7 +3,6 @@
 //! gives up after the connect timeout, not after the whole request's
 //! timeout; a VMM that takes the request and is merely slow to answer is
 //! still waited for.
-#![cfg(feature = "cli")]
 
 mod cli_support;
 

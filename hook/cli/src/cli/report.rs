@@ -1,15 +1,13 @@
 //! The restore report: what `clockcarry restore` decided and did, in one
-//! serialisable value (the `--json` output) that a VMM applying plans
-//! in-process can produce too.
+//! serialisable value (the `--json` output).
 //!
 //! Pure data plus the arithmetic that summarises a plan per vCPU; no I/O.
 
 use serde::Serialize;
 
-use crate::model::{ClockPolicy, OnFailure, Pvti, PvtiSource, VmClock};
-use crate::plan::{Destination, ErrorBound, KvmClockAction, Plan, PlanMode};
-use crate::pvclock::{guest_tsc, pvclock_read};
-use crate::sidecar::SidecarBody;
+use clockcarry::model::{ClockPolicy, OnFailure, Pvti, PvtiSource, VmClock};
+use clockcarry::plan::{Destination, ErrorBound, KvmClockAction, Plan, PlanMode};
+use clockcarry::sidecar::SidecarBody;
 
 /// How a restore ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -184,20 +182,6 @@ impl KvmClockReport {
     }
 }
 
-/// kvm-clock minus `line`, in ns, at the instant of `vm`'s KVM_GET_CLOCK
-/// pair: the guest TSC there is the pair's host TSC (scaled) plus vCPU 0's
-/// offset *as read back*. `None` without a host TSC in the pair, without a
-/// vCPU, or when the difference does not fit in i64.
-pub fn kvmclock_error_ns(vm: &VmClock, line: &Pvti) -> Option<i64> {
-    if !vm.kvmclock.has_host_tsc() {
-        return None;
-    }
-    let offset = vm.vcpus.first()?.tsc_offset;
-    let tsc = guest_tsc(vm.kvmclock.host_tsc, vm.tsc_scaling, offset);
-    let expected = pvclock_read(line, tsc);
-    i64::try_from(i128::from(vm.kvmclock.clock_ns) - i128::from(expected)).ok()
-}
-
 /// What the verification `GET` found.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Verification {
@@ -259,47 +243,8 @@ pub struct RestoreReport {
     /// The VMM's answer to the PUT, as it came.
     pub vmm_answer: Option<serde_json::Value>,
     /// The VMM's typed failure of the PUT, when it gave one.
-    pub vmm_failure: Option<crate::vmclock_api::PutFailure>,
+    pub vmm_failure: Option<clockcarry::vmclock_api::PutFailure>,
     pub plan: Option<Plan>,
     /// The destination measurement, reusable with `clockcarry plan`.
     pub destination: Option<Destination>,
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::model::{Capabilities, KvmClockSample, RunState, VcpuOffset};
-
-    #[test]
-    fn kvmclock_error_from_the_pair() {
-        let line = Pvti {
-            tsc_timestamp: 1_000,
-            system_time: 5_000,
-            tsc_to_system_mul: 1 << 31, // 0.5 ns per cycle at shift 0
-            tsc_shift: 0,
-            flags: 1,
-        };
-        let mut vm = VmClock {
-            state: RunState::Paused,
-            tsc_khz: 2_000_000,
-            vcpus: vec![VcpuOffset {
-                id: 0,
-                tsc_offset: 100,
-            }],
-            kvmclock: KvmClockSample {
-                clock_ns: 5_000 + 550 + 7,
-                flags: 14,
-                realtime_ns: 0,
-                host_tsc: 2_000,
-            },
-            pvti: None,
-            pvti_source: None,
-            tsc_scaling: None,
-            capabilities: Capabilities::default(),
-        };
-        // guest TSC 2100: 1100 cycles past the anchor = 550 ns.
-        assert_eq!(kvmclock_error_ns(&vm, &line), Some(7));
-        vm.kvmclock.flags = 6;
-        assert_eq!(kvmclock_error_ns(&vm, &line), None);
-    }
 }

@@ -1,14 +1,13 @@
 //! libvirt hook input parsing: argv, domain XML (real libvirt 9 samples and
 //! hostile ones), the host configuration.
-#![cfg(feature = "libvirt")]
 
 use std::ffi::OsString;
 use std::os::unix::ffi::OsStringExt;
 use std::path::{Path, PathBuf};
 
-use clockcarry::libvirt::config::{Config, SetMethod};
-use clockcarry::libvirt::domain_xml::{read_xml, MAX_XML_BYTES};
-use clockcarry::libvirt::{
+use clockcarry_libvirt::config::{Config, SetMethod};
+use clockcarry_libvirt::domain_xml::{read_xml, MAX_XML_BYTES};
+use clockcarry_libvirt::{
     is_hook_invocation, parse_domain_xml, DomainName, DomainUuid, HookArgs, LibvirtError, Op,
     Policy, SubOp,
 };
@@ -208,10 +207,10 @@ fn hook_paths_are_recognised() {
     }
     // Not a hook, no hidden argument: main goes on with its own parsing.
     assert_eq!(
-        clockcarry::libvirt::dispatch(&os(&["/usr/bin/clockcarry", "--help"])),
+        clockcarry_libvirt::dispatch(&os(&["/usr/bin/clockcarry", "--help"])),
         None
     );
-    assert_eq!(clockcarry::libvirt::dispatch(&[]), None);
+    assert_eq!(clockcarry_libvirt::dispatch(&[]), None);
 }
 
 // ---------------------------------------------------------------- XML
@@ -559,7 +558,8 @@ fn tempdir() -> PathBuf {
 
 #[test]
 fn shipped_examples_parse() {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    // hook/libvirt -> the workspace root.
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
     // The example config spells out the defaults.
     let c = Config::load(&root.join("examples/libvirt/libvirt.conf")).unwrap();
     assert_eq!(c, Config::default());

@@ -1,7 +1,6 @@
 //! libvirt hook behaviour: the hook sequence and its state, the resync
 //! helper against a simulated guest agent, reports, install/uninstall and
 //! the detached launch.
-#![cfg(feature = "libvirt")]
 
 use std::cell::Cell;
 use std::ffi::OsString;
@@ -10,14 +9,14 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use clockcarry::libvirt::config::{Config, SetMethod};
-use clockcarry::libvirt::report::{write_report, ResyncReport, NOT_PRESERVED};
-use clockcarry::libvirt::resync::{
+use clockcarry_libvirt::config::{Config, SetMethod};
+use clockcarry_libvirt::report::{write_report, ResyncReport, NOT_PRESERVED};
+use clockcarry_libvirt::resync::{
     estimate, parse_domtime, run_resync, standing_in, Clock, Guest, Outcome, Reading, Standing,
 };
-use clockcarry::libvirt::spawn::spawn_detached;
-use clockcarry::libvirt::state::{classify, QemuCmdline, StateDir};
-use clockcarry::libvirt::{
+use clockcarry_libvirt::spawn::spawn_detached;
+use clockcarry_libvirt::state::{classify, QemuCmdline, StateDir};
+use clockcarry_libvirt::{
     hook_main, install, uninstall, DomainName, DomainState, DomainUuid, HookEnv, InstallMode,
     InstallOptions, Launcher, ResyncRequest, Trigger,
 };
@@ -27,7 +26,7 @@ const S: u64 = 1_000_000_000;
 
 fn data(name: &str) -> String {
     let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/data/libvirt")
+        .join("../libvirt/tests/data/libvirt")
         .join(name);
     std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
@@ -160,7 +159,7 @@ fn managedsave_then_start_launches_a_restore_resync() {
     );
     assert_eq!(
         f.state().unwrap().pending.unwrap().kind,
-        clockcarry::libvirt::state::PendingKind::Restore
+        clockcarry_libvirt::state::PendingKind::Restore
     );
     assert_eq!(
         f.call("web-01.prod", "prepare", "begin", &web("prepare-begin")),
@@ -332,8 +331,8 @@ fn classification_table() {
         classify(&st, Some(&cmd(true, true)), &uuid, now).trigger,
         Some(Trigger::SnapshotRevert)
     );
-    st.pending = Some(clockcarry::libvirt::state::Pending {
-        kind: clockcarry::libvirt::state::PendingKind::Restore,
+    st.pending = Some(clockcarry_libvirt::state::Pending {
+        kind: clockcarry_libvirt::state::PendingKind::Restore,
         at_ns: now - 10 * S,
     });
     st.last_stop_ns = Some(now - 30 * S);
@@ -863,7 +862,7 @@ fn request_args_refused_when_malformed() {
     for c in cases {
         assert!(ResyncRequest::from_args(&c).is_err(), "{c:?}");
     }
-    assert_eq!(clockcarry::libvirt::resync_main(&["--bogus".into()]), 2);
+    assert_eq!(clockcarry_libvirt::resync_main(&["--bogus".into()]), 2);
 }
 
 #[test]
@@ -1086,7 +1085,6 @@ fn detached_helper_does_not_hold_the_hook() {
 
 /// The `clockcarry` binary, as installed: hook by path, helper by hidden
 /// argument, `clockcarry libvirt ...`.
-#[cfg(feature = "cli")]
 mod binary {
     use super::*;
     use std::io::Write;
@@ -1171,7 +1169,7 @@ mod binary {
         );
         let req = f.launched().pop().expect("a helper was asked for");
         let mut child = Command::new(BIN)
-            .arg(clockcarry::libvirt::RESYNC_ARG)
+            .arg(clockcarry_libvirt::RESYNC_ARG)
             .args(req.to_args())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -1264,7 +1262,7 @@ mod binary {
             Some(2)
         );
         // The helper's hidden argument is taken before clap sees anything.
-        let out = run(&[clockcarry::libvirt::RESYNC_ARG, "--uuid"]);
+        let out = run(&[clockcarry_libvirt::RESYNC_ARG, "--uuid"]);
         assert_eq!(out.status.code(), Some(2));
         assert!(String::from_utf8_lossy(&out.stderr).contains("resync helper"));
         let _ = std::fs::remove_dir_all(&root);

@@ -332,7 +332,7 @@ impl StateDir {
         let path = self.file(&uuid);
         let bytes = serde_json::to_vec_pretty(state)
             .map_err(|e| LibvirtError::State(format!("serialising state: {e}")))?;
-        crate::fsio::write_atomic(&path, &bytes)
+        clockcarry::fsio::write_atomic(&path, &bytes)
             .map_err(|e| LibvirtError::State(format!("{}: {e}", path.display())))
     }
 

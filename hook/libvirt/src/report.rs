@@ -99,8 +99,9 @@ pub fn write_report(
         .map_err(|e| LibvirtError::State(format!("serialising the report: {e}")))?;
     bytes.push(b'\n');
     let stamp = compact_stamp(at_ns);
-    let staged = crate::fsio::StagedFile::create(&dir.join(format!("{uuid}.json.new")), &bytes)
-        .map_err(|e| LibvirtError::State(format!("staging the report: {e}")))?;
+    let staged =
+        clockcarry::fsio::StagedFile::create(&dir.join(format!("{uuid}.json.new")), &bytes)
+            .map_err(|e| LibvirtError::State(format!("staging the report: {e}")))?;
     for n in 1u32..=100 {
         let name = if n == 1 {
             format!("{uuid}-{stamp}.json")
@@ -128,7 +129,7 @@ pub fn write_report(
     )))
 }
 
-pub use crate::timefmt::{compact_stamp, rfc3339_ns};
+pub use clockcarry::timefmt::{compact_stamp, rfc3339_ns};
 
 #[cfg(test)]
 mod tests {

@@ -4,10 +4,10 @@
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
+use super::report::{self, KvmClockReport, PlanSummary, VcpuCorrection};
 use clap::Args;
 use clockcarry::model::{HostIdentity, HostSample, OffsetEstimate, RunState, VmClock};
 use clockcarry::plan::{self, Destination, Plan};
-use clockcarry::report::{self, KvmClockReport, PlanSummary, VcpuCorrection};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -164,8 +164,8 @@ pub fn run(args: &PlanArgs) -> CliResult<Exit> {
     if args.json {
         print_json(&out)?;
     } else {
-        let rep = clockcarry::report::RestoreReport {
-            outcome: clockcarry::report::Outcome::DryRun,
+        let rep = super::report::RestoreReport {
+            outcome: super::report::Outcome::DryRun,
             exit_code: 0,
             error: None,
             advice: None,

@@ -51,7 +51,7 @@ fn main() -> ExitCode {
     // wherever it lives (a symlinked hook resolves to the real path).
     if args
         .get(1)
-        .is_some_and(|a| a == clockcarry::libvirt::RESYNC_ARG)
+        .is_some_and(|a| a == clockcarry_libvirt::RESYNC_ARG)
     {
         return libvirt_entry(&args);
     }
@@ -62,11 +62,11 @@ fn main() -> ExitCode {
 }
 
 /// The libvirt entry points (docs/libvirt.md): the resync helper when the
-/// first argument is the hidden [`clockcarry::libvirt::RESYNC_ARG`], else
+/// first argument is the hidden [`clockcarry_libvirt::RESYNC_ARG`], else
 /// the hook (`NAME OP SUBOP EXTRA`, domain XML on stdin; never prints to
 /// stdout, exits 0 unless the command line is malformed).
 fn libvirt_entry(args: &[OsString]) -> ExitCode {
-    use clockcarry::libvirt;
+    use clockcarry_libvirt as libvirt;
     let code = match args.get(1) {
         Some(a) if a == libvirt::RESYNC_ARG => libvirt::resync_main(&args[2..]),
         _ => libvirt::hook_main(

@@ -1,5 +1,7 @@
 //! A simulation of hosts and of KVM's clock arithmetic, for proving the
-//! planner without hardware.
+//! planner without hardware (test support: not part of the library). A
+//! simulated VM implements the KVM layer's `ClockOps`, so a plan is applied
+//! by the library's own apply, not by a re-implementation of it.
 //!
 //! True time `t_ns` is the simulation's own (ns since the simulated boot of
 //! the world). A host has a TSC base and rate, and a CLOCK_TAI that may be
@@ -9,13 +11,14 @@
 //! one exactly, an MSR_IA32_TSC write becomes an offset at the instant of the
 //! write (the stock VMMs' path, modelled only to compare against).
 
-use crate::model::{
+use clockcarry::kvm::{apply_with, ApplyOptions, ClockOps, KvmError};
+use clockcarry::model::{
     Capabilities, ClockQuality, HostIdentity, HostSample, KvmClockSample, Pvti, PvtiSource,
     RunState, TscFlags, TscScaling, VcpuOffset, VmClock, KVM_CLOCK_HOST_TSC, KVM_CLOCK_REALTIME,
     KVM_CLOCK_TSC_STABLE, PVCLOCK_TSC_STABLE_BIT,
 };
-use crate::plan::{KvmClockAction, Plan};
-use crate::pvclock::{
+use clockcarry::plan::Plan;
+use clockcarry::pvclock::{
     guest_tsc, ns_to_cycles, offset_for, pvclock_read, scale_tsc, time_scale_for_khz,
 };
 
@@ -64,7 +67,7 @@ impl SimHost {
                 synchronised: true,
                 maxerror_ns: 0,
                 esterror_ns: 0,
-                leap_pending: crate::model::LeapPending::None,
+                leap_pending: clockcarry::model::LeapPending::None,
             },
             scaling_frac_bits: None,
             clock_guest: false,
@@ -121,12 +124,9 @@ impl SimHost {
 /// Why a simulated KVM call failed, as the kernel would refuse it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SimError {
-    #[error("KVM_SET_TSC_KHZ: host cannot scale to {0} kHz")]
-    NoScaling(u32),
-    #[error("vCPU count mismatch")]
-    VcpuCount,
-    #[error("KVM_SET_CLOCK_GUEST: {0}")]
-    ClockGuest(&'static str),
+    /// The library's apply refused or failed on the simulated VM.
+    #[error("apply: {0}")]
+    Apply(String),
 }
 
 /// A simulated VM on a simulated host.
@@ -148,7 +148,7 @@ impl SimVm {
             None
         } else {
             let frac_bits = host.scaling_frac_bits?;
-            crate::pvclock::scaling_ratio(guest_khz, host.identity.tsc_khz, frac_bits)
+            clockcarry::pvclock::scaling_ratio(guest_khz, host.identity.tsc_khz, frac_bits)
         };
         let host_tsc = host.host_tsc(t_ns);
         let offsets: Vec<i64> = initial_tsc
@@ -183,7 +183,7 @@ impl SimVm {
 
     /// KVM's master-clock update: the line re-anchored at `t_ns` so that
     /// kvm-clock reads `clock_ns` there.
-    fn rederive_pvti(&mut self, t_ns: u64, clock_ns: u64) {
+    pub fn rederive_pvti(&mut self, t_ns: u64, clock_ns: u64) {
         let (tsc_shift, tsc_to_system_mul) = time_scale_for_khz(self.pvti_khz()).unwrap_or((0, 0));
         self.pvti = Pvti {
             tsc_timestamp: self.guest_tsc(0, t_ns),
@@ -267,40 +267,108 @@ impl SimVm {
         Some(vm)
     }
 
-    /// Apply a plan at true time `t_ns` the way the KVM layer does:
-    /// offsets back to back, then CLOCK_GUEST or SET_CLOCK.
+    /// Apply a plan at true time `t_ns` through the library's own apply
+    /// ([`clockcarry::kvm::apply_with`]) on this VM's [`SimOps`]: the same
+    /// steps, order, calibration loop and rollback as on real KVM.
     pub fn apply(&mut self, plan: &Plan, t_ns: u64) -> Result<(), SimError> {
-        if plan.tsc_offsets.len() != self.offsets.len() {
-            return Err(SimError::VcpuCount);
+        let options = ApplyOptions {
+            tsc_scaling: self.scaling,
+            clock_guest: self.host.clock_guest,
+            set_clock_realtime: true,
+            ..ApplyOptions::default()
+        };
+        apply_with(&mut SimOps { vm: self, t_ns }, plan, &options)
+            .map(|_| ())
+            .map_err(|e| SimError::Apply(e.to_string()))
+    }
+}
+
+/// The KVM clock ioctls on a simulated VM, all at one instant `t_ns` (the
+/// simulation's calls take no time).
+pub struct SimOps<'a> {
+    pub vm: &'a mut SimVm,
+    pub t_ns: u64,
+}
+
+impl SimOps<'_> {
+    fn vcpu(&self, vcpu: usize, ioctl: &'static str) -> Result<(), KvmError> {
+        if vcpu < self.vm.offsets.len() {
+            Ok(())
+        } else {
+            Err(einval(ioctl, vcpu))
         }
-        if let Some(khz) = plan.tsc_khz {
-            if khz != self.host.identity.tsc_khz && self.host.scaling_frac_bits.is_none() {
-                return Err(SimError::NoScaling(khz));
-            }
-            self.tsc_khz = khz;
+    }
+}
+
+fn einval(ioctl: &'static str, vcpu: usize) -> KvmError {
+    KvmError::Ioctl {
+        ioctl,
+        vcpu: u32::try_from(vcpu).ok(),
+        errno: libc::EINVAL,
+    }
+}
+
+impl ClockOps for SimOps<'_> {
+    fn vcpu_count(&self) -> usize {
+        self.vm.offsets.len()
+    }
+    fn get_tsc_khz(&mut self, vcpu: usize) -> Result<u32, KvmError> {
+        self.vcpu(vcpu, "KVM_GET_TSC_KHZ")?;
+        Ok(self.vm.tsc_khz)
+    }
+    fn set_tsc_khz(&mut self, vcpu: usize, khz: u32) -> Result<(), KvmError> {
+        self.vcpu(vcpu, "KVM_SET_TSC_KHZ")?;
+        if khz != self.vm.host.identity.tsc_khz && self.vm.host.scaling_frac_bits.is_none() {
+            return Err(einval("KVM_SET_TSC_KHZ", vcpu));
         }
-        self.offsets.clone_from(&plan.tsc_offsets);
-        match plan.kvmclock {
-            KvmClockAction::ClockGuest { pvti } => {
-                if pvti.tsc_timestamp > self.guest_tsc(0, t_ns) {
-                    return Err(SimError::ClockGuest("tsc_timestamp above the guest TSC"));
-                }
-                self.pvti = pvti;
-            }
-            KvmClockAction::SetClock {
-                clock_ns,
-                realtime_ns,
-                flags,
-                ..
-            } => {
-                let mut now_clock = clock_ns;
-                if flags & KVM_CLOCK_REALTIME != 0 {
-                    let since = self.host.realtime_ns(t_ns).saturating_sub(realtime_ns);
-                    now_clock = now_clock.saturating_add(since);
-                }
-                self.rederive_pvti(t_ns, now_clock);
-            }
-        }
+        self.vm.tsc_khz = khz;
         Ok(())
+    }
+    fn get_tsc_offset(&mut self, vcpu: usize) -> Result<i64, KvmError> {
+        self.vcpu(vcpu, "KVM_GET_DEVICE_ATTR")?;
+        Ok(self.vm.offsets[vcpu])
+    }
+    fn set_tsc_offset(&mut self, vcpu: usize, offset_cycles: i64) -> Result<(), KvmError> {
+        self.vcpu(vcpu, "KVM_SET_DEVICE_ATTR")?;
+        self.vm.offsets[vcpu] = offset_cycles;
+        Ok(())
+    }
+    fn get_clock(&mut self) -> Result<KvmClockSample, KvmError> {
+        Ok(self.vm.get_clock(self.t_ns))
+    }
+    /// KVM's master-clock update at "now": the line re-anchored so kvm-clock
+    /// reads `clock_ns` (plus the realtime since `realtime_ns`) there.
+    fn set_clock(&mut self, clock_ns: u64, realtime_ns: u64, flags: u32) -> Result<(), KvmError> {
+        let mut now_clock = clock_ns;
+        if flags & KVM_CLOCK_REALTIME != 0 {
+            let since = self
+                .vm
+                .host
+                .realtime_ns(self.t_ns)
+                .saturating_sub(realtime_ns);
+            now_clock = now_clock.saturating_add(since);
+        }
+        self.vm.rederive_pvti(self.t_ns, now_clock);
+        Ok(())
+    }
+    fn set_clock_guest(&mut self, vcpu: usize, pvti: &Pvti) -> Result<(), KvmError> {
+        self.vcpu(vcpu, "KVM_SET_CLOCK_GUEST")?;
+        if !self.vm.host.clock_guest || pvti.tsc_timestamp > self.vm.guest_tsc(0, self.t_ns) {
+            return Err(einval("KVM_SET_CLOCK_GUEST", vcpu));
+        }
+        self.vm.pvti = *pvti;
+        Ok(())
+    }
+    fn kvmclock_ctrl(&mut self, vcpu: usize) -> Result<(), KvmError> {
+        self.vcpu(vcpu, "KVM_KVMCLOCK_CTRL")
+    }
+    fn host_tsc(&mut self) -> u64 {
+        self.vm.host.host_tsc(self.t_ns)
+    }
+    fn realtime_pair(&mut self) -> Option<(u64, u64)> {
+        Some((
+            self.vm.host.host_tsc(self.t_ns),
+            self.vm.host.realtime_ns(self.t_ns),
+        ))
     }
 }

@@ -136,7 +136,7 @@ pub(crate) fn install(opts: &InstallOptions) -> Result<InstallOutcome, LibvirtEr
             return Err(LibvirtError::Install(format!(
                 "{} is {}, not a regular file or a symlink: refusing to replace it",
                 target.display(),
-                crate::fsio::file_kind(&ft)
+                clockcarry::fsio::file_kind(&ft)
             )));
         }
         let ours = is_clockcarry(&target);
