@@ -5,6 +5,7 @@ use std::borrow::Borrow;
 
 use kvm_ioctls::{VcpuFd, VmFd};
 
+use super::ops::{ClockOps, KvmOps};
 use super::sys::{self, PvclockVcpuTimeInfo, MSR_KVM_SYSTEM_TIME_NEW};
 use super::KvmError;
 use crate::model::{Capabilities, Pvti, PvtiSource, RunState, VcpuOffset, VmClock};
@@ -70,30 +71,46 @@ pub fn capture<V: Borrow<VcpuFd>>(
     pvti_reader: Option<PvtiReader<'_>>,
     state: RunState,
 ) -> Result<VmClock, KvmError> {
-    let boot = vcpus
-        .first()
-        .map(Borrow::borrow)
-        .ok_or(KvmError::NoSuchVcpu { vcpu: 0, count: 0 })?;
-    let tsc_khz = sys::vcpu_get_tsc_khz(boot).map_err(|e| e.on_vcpu(0))?;
-    let mut offsets = Vec::with_capacity(vcpus.len());
-    for (i, vcpu) in vcpus.iter().enumerate() {
-        let tsc_offset = sys::get_tsc_offset(vcpu.borrow()).map_err(|e| e.on_vcpu(i))?;
+    capture_with(
+        &mut KvmOps::new(vm, vcpus),
+        capabilities,
+        pvti_reader,
+        state,
+    )
+}
+
+/// [`capture`] through any [`ClockOps`]: the same reads, in the same order,
+/// so a fault-injecting implementation can test it. Reads only.
+pub fn capture_with<O: ClockOps + ?Sized>(
+    ops: &mut O,
+    capabilities: &Capabilities,
+    pvti_reader: Option<PvtiReader<'_>>,
+    state: RunState,
+) -> Result<VmClock, KvmError> {
+    let n = ops.vcpu_count();
+    if n == 0 {
+        return Err(KvmError::NoSuchVcpu { vcpu: 0, count: 0 });
+    }
+    let tsc_khz = ops.get_tsc_khz(0).map_err(|e| e.on_vcpu(0))?;
+    let mut offsets = Vec::with_capacity(n);
+    for i in 0..n {
+        let tsc_offset = ops.get_tsc_offset(i).map_err(|e| e.on_vcpu(i))?;
         offsets.push(VcpuOffset {
             id: u32::try_from(i).unwrap_or(u32::MAX),
             tsc_offset,
         });
     }
-    let kvmclock = sys::get_clock(vm)?;
+    let kvmclock = ops.get_clock()?;
 
     let mut pvti = None;
     if capabilities.clock_guest {
-        match sys::get_clock_guest(boot) {
-            Ok(p) => pvti = Some((Pvti::from(p), PvtiSource::KernelClockGuest)),
+        match ops.get_clock_guest(0) {
+            Ok(p) => pvti = Some((p, PvtiSource::KernelClockGuest)),
             Err(e) => log::warn!("capture: {e}; falling back to guest memory"),
         }
     }
     if let (None, Some(reader)) = (pvti, pvti_reader) {
-        if let Some(gpa) = kvmclock_msr(boot).map_err(|e| e.on_vcpu(0))? {
+        if let Some(gpa) = ops.kvmclock_msr(0).map_err(|e| e.on_vcpu(0))? {
             pvti = read_pvti_consistent(reader, gpa)
                 .filter(|p| p.tsc_to_system_mul != 0)
                 .map(|p| (p, PvtiSource::GuestMemory));

@@ -37,7 +37,7 @@ pub use apply::{
     KvmclockOutcome, Refusal, RollbackReport, StepRecord, DEFAULT_SET_CLOCK_TRIES,
 };
 pub use caps::{probe, KvmProbe, OffsetWriteTest};
-pub use capture::{capture, kvmclock_msr, read_pvti_consistent, PvtiReader};
+pub use capture::{capture, capture_with, kvmclock_msr, read_pvti_consistent, PvtiReader};
 pub use ops::{ClockOps, KvmOps};
 pub use sys::PvclockVcpuTimeInfo;
 

@@ -33,6 +33,20 @@ pub trait ClockOps {
     fn set_clock_guest(&mut self, vcpu: usize, pvti: &Pvti) -> Result<(), KvmError>;
     /// KVM_KVMCLOCK_CTRL (vCPU).
     fn kvmclock_ctrl(&mut self, vcpu: usize) -> Result<(), KvmError>;
+    /// KVM_GET_CLOCK_GUEST (vCPU): the kernel's copy of the PVTI. Without an
+    /// implementation, the kernel is taken not to have it.
+    fn get_clock_guest(&mut self, vcpu: usize) -> Result<Pvti, KvmError> {
+        Err(KvmError::Ioctl {
+            ioctl: "KVM_GET_CLOCK_GUEST",
+            vcpu: u32::try_from(vcpu).ok(),
+            errno: libc::ENOTTY,
+        })
+    }
+    /// MSR_KVM_SYSTEM_TIME_NEW of `vcpu`: `Some(gpa)` of its PVTI when the
+    /// guest enabled kvm-clock. Without an implementation, `None`.
+    fn kvmclock_msr(&mut self, _vcpu: usize) -> Result<Option<u64>, KvmError> {
+        Ok(None)
+    }
     /// The host TSC now (the counter KVM_GET_CLOCK reports as `host_tsc`).
     fn host_tsc(&mut self) -> u64 {
         crate::host::read_host_tsc()
@@ -104,5 +118,11 @@ impl<V: Borrow<VcpuFd>> ClockOps for KvmOps<'_, V> {
     }
     fn kvmclock_ctrl(&mut self, vcpu: usize) -> Result<(), KvmError> {
         sys::kvmclock_ctrl(self.vcpu(vcpu)?)
+    }
+    fn get_clock_guest(&mut self, vcpu: usize) -> Result<Pvti, KvmError> {
+        sys::get_clock_guest(self.vcpu(vcpu)?).map(Pvti::from)
+    }
+    fn kvmclock_msr(&mut self, vcpu: usize) -> Result<Option<u64>, KvmError> {
+        super::capture::kvmclock_msr(self.vcpu(vcpu)?)
     }
 }
