@@ -204,7 +204,10 @@ pub fn save(vcpu: &VcpuFd, id: u32, msrs: &[u32]) -> Result<VcpuState, CpuError>
     })
 }
 
-fn decode<T: Copy + Default>(hex: &str, what: &'static str, id: u32) -> Result<T, CpuError> {
+fn decode<T: Copy>(hex: &str, what: &'static str, id: u32) -> Result<T, CpuError>
+where
+    pod::Pod<T>: vm_memory::ByteValued,
+{
     pod::from_hex(hex).ok_or(CpuError {
         op: what,
         vcpu: id,

@@ -11,12 +11,13 @@
 //!
 //! TCP is refused for non-loopback addresses: this VMM is a test tool.
 
-use std::io::{Read, Write};
+use std::io::{IoSlice, IoSliceMut, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 
+use nix::sys::socket::{recvmsg, sendmsg, ControlMessage, ControlMessageOwned, MsgFlags};
 use serde::{Deserialize, Serialize};
 
 use crate::state::VmSnapshot;
@@ -138,7 +139,7 @@ impl Channel {
     pub fn send(
         &mut self,
         header: &Header,
-        memory_fd: Option<&OwnedFd>,
+        memory_fd: Option<BorrowedFd<'_>>,
         write_memory: &mut dyn FnMut(&mut dyn Write) -> std::io::Result<()>,
     ) -> Result<(), MigrationError> {
         let json = serde_json::to_vec(header)
@@ -241,82 +242,73 @@ impl Channel {
 trait ReadWrite: Read + Write {}
 impl<T: Read + Write> ReadWrite for T {}
 
-const FD_SPACE: usize = 64;
+/// The one data byte that carries the memfd.
+const FD_BYTE: u8 = b'M';
 
-fn send_fd(sock: &UnixStream, fd: &OwnedFd) -> Result<(), MigrationError> {
-    let mut byte = [b'M'];
-    let mut iov = libc::iovec {
-        iov_base: byte.as_mut_ptr().cast(),
-        iov_len: 1,
-    };
-    let mut space = [0u8; FD_SPACE];
-    // SAFETY: msghdr is plain data; all-zero is valid before we fill it.
-    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    msg.msg_iov = &mut iov;
-    msg.msg_iovlen = 1;
-    msg.msg_control = space.as_mut_ptr().cast();
-    // SAFETY: CMSG_SPACE only computes a size.
-    msg.msg_controllen = unsafe { libc::CMSG_SPACE(4) } as usize;
-    // SAFETY: msg_control points at FD_SPACE >= CMSG_SPACE(4) writable bytes,
-    // so the first header and its 4 data bytes lie inside `space`.
-    unsafe {
-        let cmsg = libc::CMSG_FIRSTHDR(&msg);
-        if cmsg.is_null() {
-            return Err(MigrationError::Protocol("no room for the fd".into()));
-        }
-        (*cmsg).cmsg_level = libc::SOL_SOCKET;
-        (*cmsg).cmsg_type = libc::SCM_RIGHTS;
-        (*cmsg).cmsg_len = libc::CMSG_LEN(4) as usize;
-        std::ptr::write_unaligned(libc::CMSG_DATA(cmsg).cast::<i32>(), fd.as_raw_fd());
-    }
-    // SAFETY: `msg` and everything it points to live across the call.
-    let n = unsafe { libc::sendmsg(sock.as_raw_fd(), &msg, 0) };
-    if n != 1 {
-        return Err(MigrationError::Io {
+fn send_fd(sock: &UnixStream, fd: BorrowedFd<'_>) -> Result<(), MigrationError> {
+    let byte = [FD_BYTE];
+    let fds = [fd.as_raw_fd()];
+    let sent = sendmsg::<()>(
+        sock.as_raw_fd(),
+        &[IoSlice::new(&byte)],
+        &[ControlMessage::ScmRights(&fds)],
+        MsgFlags::empty(),
+        None,
+    );
+    match sent {
+        Ok(1) => Ok(()),
+        Ok(n) => Err(MigrationError::Protocol(format!(
+            "sending the memory fd: {n} bytes sent"
+        ))),
+        Err(e) => Err(MigrationError::Io {
             what: "sending the memory fd",
-            source: std::io::Error::last_os_error(),
-        });
+            source: e.into(),
+        }),
     }
-    Ok(())
 }
 
 fn recv_fd(sock: &UnixStream) -> Result<OwnedFd, MigrationError> {
     let mut byte = [0u8; 1];
-    let mut iov = libc::iovec {
-        iov_base: byte.as_mut_ptr().cast(),
-        iov_len: 1,
-    };
-    let mut space = [0u8; FD_SPACE];
-    // SAFETY: msghdr is plain data; all-zero is valid before we fill it.
-    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    msg.msg_iov = &mut iov;
-    msg.msg_iovlen = 1;
-    msg.msg_control = space.as_mut_ptr().cast();
-    msg.msg_controllen = FD_SPACE;
-    // SAFETY: `msg` points at live buffers of the sizes it states.
-    let n = unsafe { libc::recvmsg(sock.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC) };
-    if n != 1 {
+    let mut iov = [IoSliceMut::new(&mut byte)];
+    // Room for a few descriptors: extra ones a sender passed are closed
+    // here rather than the message truncated.
+    let mut space = nix::cmsg_space!([RawFd; 8]);
+    let msg = recvmsg::<()>(
+        sock.as_raw_fd(),
+        &mut iov,
+        Some(&mut space),
+        MsgFlags::MSG_CMSG_CLOEXEC,
+    )
+    .map_err(|e| MigrationError::Io {
+        what: "receiving the memory fd",
+        source: e.into(),
+    })?;
+    let bytes = msg.bytes;
+    // A truncated control message (more descriptors than `space` holds) is
+    // an error here (ENOBUFS).
+    let mut received: Vec<OwnedFd> = Vec::new();
+    for cmsg in msg
+        .cmsgs()
+        .map_err(|e| MigrationError::Protocol(format!("the memory fd's control message: {e}")))?
+    {
+        if let ControlMessageOwned::ScmRights(fds) = cmsg {
+            for fd in fds {
+                // SAFETY: SCM_RIGHTS just installed `fd` in this process for this message; nothing else owns it.
+                received.push(unsafe { OwnedFd::from_raw_fd(fd) });
+            }
+        }
+    }
+    if bytes != 1 {
         return Err(MigrationError::Io {
             what: "receiving the memory fd",
-            source: std::io::Error::last_os_error(),
+            source: std::io::ErrorKind::UnexpectedEof.into(),
         });
     }
-    // SAFETY: the kernel filled msg_control (within FD_SPACE); CMSG_* walk
-    // it within msg_controllen.
-    unsafe {
-        let cmsg = libc::CMSG_FIRSTHDR(&msg);
-        if cmsg.is_null()
-            || (*cmsg).cmsg_level != libc::SOL_SOCKET
-            || (*cmsg).cmsg_type != libc::SCM_RIGHTS
-        {
-            return Err(MigrationError::Protocol("no memory fd received".into()));
-        }
-        let fd = std::ptr::read_unaligned(libc::CMSG_DATA(cmsg).cast::<i32>());
-        if fd < 0 {
-            return Err(MigrationError::Protocol("invalid memory fd".into()));
-        }
-        Ok(OwnedFd::from_raw_fd(fd))
-    }
+    // The first descriptor is the memory; any others are closed on drop.
+    received
+        .into_iter()
+        .next()
+        .ok_or_else(|| MigrationError::Protocol("no memory fd received".into()))
 }
 
 #[cfg(test)]
@@ -350,5 +342,36 @@ mod tests {
         let mut x = [0u8; 1];
         again.read(8, &mut x).expect("read");
         assert_eq!(x, [7]);
+    }
+
+    #[test]
+    fn a_byte_without_an_fd_is_refused() {
+        let (mut a, b) = UnixStream::pair().expect("pair");
+        a.write_all(&[FD_BYTE]).expect("write");
+        assert!(matches!(recv_fd(&b), Err(MigrationError::Protocol(_))));
+        drop(a);
+        assert!(matches!(recv_fd(&b), Err(MigrationError::Io { .. })));
+    }
+
+    #[test]
+    fn the_first_of_several_fds_is_the_memory() {
+        let (a, b) = UnixStream::pair().expect("pair");
+        let ram = crate::memory::GuestRam::new(4096).expect("memfd");
+        ram.write(8, &[5]).expect("write");
+        let other = crate::memory::GuestRam::new(4096).expect("memfd");
+        let fds = [ram.fd().as_raw_fd(), other.fd().as_raw_fd()];
+        sendmsg::<()>(
+            a.as_raw_fd(),
+            &[IoSlice::new(&[FD_BYTE])],
+            &[ControlMessage::ScmRights(&fds)],
+            MsgFlags::empty(),
+            None,
+        )
+        .expect("sendmsg");
+        let fd = recv_fd(&b).expect("recv");
+        let again = crate::memory::GuestRam::from_fd(fd, 4096).expect("map");
+        let mut x = [0u8; 1];
+        again.read(8, &mut x).expect("read");
+        assert_eq!(x, [5]);
     }
 }

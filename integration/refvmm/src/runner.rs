@@ -8,13 +8,13 @@
 
 use std::fs::File;
 use std::io::Write;
-use std::os::unix::thread::JoinHandleExt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, Once};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use kvm_ioctls::{VcpuExit, VcpuFd};
+use vmm_sys_util::signal::Killable;
 
 use crate::memory::GuestRam;
 use crate::probe::{GuestReport, RECORD_BYTES, REF_MAGIC, REPORT_PORT};
@@ -132,9 +132,9 @@ impl Runner {
                 // KVM_RUN is entered is otherwise lost.
                 for v in &self.vcpus {
                     if let Some(t) = &v.thread {
-                        // SAFETY: pthread_kill on a live thread of ours with
-                        // a signal whose handler is installed.
-                        unsafe { libc::pthread_kill(t.as_pthread_t(), kick_signal()) };
+                        // pthread_kill on a thread of ours (not yet joined)
+                        // with a signal whose handler is installed.
+                        let _ = t.kill(kick_signal());
                     }
                 }
                 last_kick = Instant::now();

@@ -9,6 +9,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
 /// Exit status of a demo the watchdog ended.
 pub const TIMED_OUT: i32 = 3;
 
@@ -91,9 +94,9 @@ pub fn watchdog(timeout: Duration) {
                 );
             }
             for pid in &s.children {
-                if let Ok(pid) = libc::pid_t::try_from(*pid) {
-                    // SAFETY: kill(2) on a child of ours that was not reaped.
-                    unsafe { libc::kill(pid, libc::SIGKILL) };
+                if let Ok(pid) = i32::try_from(*pid) {
+                    // A child of ours that was not reaped.
+                    let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
                 }
             }
             eprintln!(
