@@ -101,7 +101,7 @@ pub struct ErrorBound {
     /// Bound of the measured inter-host offset, when one was given.
     pub offset_estimate_ns: u64,
     /// Rate uncertainty times the elapsed time.
-    pub rate_ns: u64,
+    pub rate_error_ns: u64,
     /// Sum of the above: |guest TSC placed - ideal| in time.
     pub total_ns: u64,
     /// `total_ns` at the guest rate, rounded up.
@@ -124,7 +124,7 @@ pub struct Plan {
     /// TAI time since capture that the plan used, ns (0 under freeze).
     pub elapsed_ns: u64,
     /// How far the destination's TAI was behind the source's (clamped), ns.
-    pub tai_skew_ns: u64,
+    pub clamped_negative_elapsed_ns: u64,
     /// Guest TSC advance over the capture value, cycles, for every vCPU.
     pub advance_cycles: u64,
     /// Part of `advance_cycles` added so no vCPU reads below the destination
@@ -236,13 +236,17 @@ pub fn plan(sidecar: &SidecarBody, dst: &Destination, policy: &Policy) -> Result
     // than the destination's clock beyond this is refused in every mode: a
     // future-dated sidecar would otherwise pass any age limit with age 0.
     let tai_bound = tai_error_bound(sidecar, dst);
-    let (age_ns, skew_ns) = elapsed(sidecar, dst, tai_bound.total_ns)?;
+    let (age_ns, behind_ns) = elapsed(sidecar, dst, tai_bound.total_ns)?;
     let mut bound = if uses_tai {
         tai_bound
     } else {
         ErrorBound::default()
     };
-    let (elapsed_ns, tai_skew_ns) = if uses_tai { (age_ns, skew_ns) } else { (0, 0) };
+    let (elapsed_ns, clamped_negative_elapsed_ns) = if uses_tai {
+        (age_ns, behind_ns)
+    } else {
+        (0, 0)
+    };
     if let Some(max_ns) = policy.max_elapsed_ns {
         // A sidecar's age limit holds in every mode, even where the plan
         // itself does not use the elapsed time.
@@ -254,13 +258,13 @@ pub fn plan(sidecar: &SidecarBody, dst: &Destination, policy: &Policy) -> Result
         }
     }
     if uses_tai {
-        if tai_skew_ns > 0 {
+        if clamped_negative_elapsed_ns > 0 {
             notes.push(format!(
-                "destination TAI was {tai_skew_ns} ns behind the capture: elapsed clamped to 0"
+                "destination TAI was {clamped_negative_elapsed_ns} ns behind the capture: elapsed clamped to 0"
             ));
         }
-        bound.rate_ns = rate_error_ns(sidecar, elapsed_ns);
-        bound.total_ns = bound.total_ns.saturating_add(bound.rate_ns);
+        bound.rate_error_ns = rate_error_ns(sidecar, elapsed_ns);
+        bound.total_ns = bound.total_ns.saturating_add(bound.rate_error_ns);
     }
     if let (true, Some(max_ns)) = (uses_tai, policy.max_clock_error_ns) {
         if bound.total_ns > max_ns {
@@ -370,7 +374,7 @@ pub fn plan(sidecar: &SidecarBody, dst: &Destination, policy: &Policy) -> Result
         kvmclock,
         pvti_source,
         elapsed_ns,
-        tai_skew_ns,
+        clamped_negative_elapsed_ns,
         advance_cycles,
         floor_cycles,
         guest_tsc_at_capture,
@@ -645,8 +649,8 @@ fn tai_error_bound(sidecar: &SidecarBody, dst: &Destination) -> ErrorBound {
     bound
 }
 
-/// (elapsed, skew): TAI time since capture, never negative; a negative
-/// value within the error bound is clamped to 0 and returned as skew.
+/// (elapsed, clamped): TAI time since capture, never negative; a negative
+/// value within the error bound is clamped to 0 and its size returned.
 fn elapsed(
     sidecar: &SidecarBody,
     dst: &Destination,

@@ -222,7 +222,7 @@ fn plan_for(kvm: &FakeKvm, delta: i64, action: &str) -> Plan {
         kvmclock,
         pvti_source: PvtiSource::Derived,
         elapsed_ns: 0,
-        tai_skew_ns: 0,
+        clamped_negative_elapsed_ns: 0,
         advance_cycles: 0,
         floor_cycles: 0,
         guest_tsc_at_capture: 0,
@@ -436,7 +436,7 @@ fn inert_offsets_are_reported_when_the_probe_said_so() {
     let before = kvm.offsets.clone();
     let plan = plan_for(&kvm, plan_delta, "set_clock");
     let options = ApplyOptions {
-        tsc_offsets_inert: true,
+        tsc_offsets_effective: false,
         ..ApplyOptions::default()
     };
     let report = apply_with(&mut kvm, &plan, &options).expect("apply");

@@ -127,7 +127,10 @@ fn refvmm_capture_restore_verify_resume() {
         .expect("verified");
     // The window is [0, 50] above the line: never below it.
     assert!((0..=50).contains(&vmm_err), "VMM error {vmm_err} ns");
-    assert!((-1..=100).contains(&verified), "verified error {verified} ns");
+    assert!(
+        (-1..=100).contains(&verified),
+        "verified error {verified} ns"
+    );
     assert_eq!(r.vmm.info()["clockcarry"]["clock_put"], true);
 
     // PUT is allowed again while still paused: a second restore works.

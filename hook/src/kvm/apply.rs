@@ -33,10 +33,11 @@ pub struct ApplyOptions {
     /// The destination's TSC scaling, to turn KVM_GET_CLOCK's host TSC into
     /// guest TSC when verifying kvm-clock (`None` = unscaled).
     pub tsc_scaling: Option<TscScaling>,
-    /// The probe found TSC offset writes inert ([`KvmProbe::tsc_offsets_inert`]):
-    /// a read-back equal to the previous offsets is then reported as
+    /// TSC offset writes take effect (false where the probe saw them change
+    /// nothing, [`KvmProbe::tsc_offset_effective`]): when false,
+    /// a read-back equal to the previous offsets is reported as
     /// `tsc_offsets_effective: false` instead of failing the apply.
-    pub tsc_offsets_inert: bool,
+    pub tsc_offsets_effective: bool,
     /// KVM_SET_CLOCK_GUEST works here ([`KvmProbe::clock_guest`]): a
     /// [`FollowVia::Best`] request uses it.
     pub clock_guest: bool,
@@ -51,7 +52,7 @@ impl Default for ApplyOptions {
         ApplyOptions {
             max_set_clock_tries: DEFAULT_SET_CLOCK_TRIES,
             tsc_scaling: None,
-            tsc_offsets_inert: false,
+            tsc_offsets_effective: true,
             clock_guest: false,
             set_clock_realtime: false,
         }
@@ -63,7 +64,7 @@ impl ApplyOptions {
     /// and KVM_CLOCK_REALTIME.
     pub fn from_probe(probe: &KvmProbe) -> Self {
         ApplyOptions {
-            tsc_offsets_inert: probe.tsc_offsets_inert(),
+            tsc_offsets_effective: probe.tsc_offset_effective != Some(false),
             clock_guest: probe.clock_guest,
             set_clock_realtime: probe.adjust_clock_flags & KVM_CLOCK_REALTIME != 0,
             ..ApplyOptions::default()
@@ -409,7 +410,7 @@ fn run_steps<O: ClockOps + ?Sized>(
     let matches_plan = report.offsets_read_back == plan.tsc_offsets;
     let unchanged = report.offsets_read_back == undo.offsets;
     // Inert offsets (the probe said so) read back as they were: reported, not failed.
-    let accepted = matches_plan || (options.tsc_offsets_inert && unchanged);
+    let accepted = matches_plan || (!options.tsc_offsets_effective && unchanged);
     if !accepted {
         let (i, (wanted, got)) = plan
             .tsc_offsets
@@ -427,7 +428,7 @@ fn run_steps<O: ClockOps + ?Sized>(
             },
         ));
     }
-    report.tsc_offsets_effective = matches_plan && !options.tsc_offsets_inert;
+    report.tsc_offsets_effective = matches_plan && options.tsc_offsets_effective;
     record(report, "verify", t);
     Ok(())
 }

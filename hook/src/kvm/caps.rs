@@ -75,13 +75,6 @@ impl KvmProbe {
         }
     }
 
-    /// True when writes to the offset attribute were seen to change nothing
-    /// (this project's kvm_pvm machines): apply then reports
-    /// `tsc_offsets_effective: false` instead of failing.
-    pub fn tsc_offsets_inert(&self) -> bool {
-        self.tsc_offset_effective == Some(false)
-    }
-
     /// Probes `vm` / `vcpu` (read-only: extensions, rates) and a scratch VM
     /// made from `kvm` (the offset write test and the CLOCK_GUEST try, after
     /// one KVM_RUN so KVM is in master-clock mode). Never fails: what cannot

@@ -46,7 +46,7 @@ fn plan(offsets: Vec<i64>) -> Plan {
         },
         pvti_source: PvtiSource::Derived,
         elapsed_ns: 0,
-        tai_skew_ns: 0,
+        clamped_negative_elapsed_ns: 0,
         advance_cycles: 0,
         floor_cycles: 0,
         guest_tsc_at_capture: 0,

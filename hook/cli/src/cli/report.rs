@@ -85,7 +85,7 @@ pub struct PlanSummary {
     /// TAI time between capture and the destination sample, ns (saturating):
     /// the sidecar's age whatever the mode.
     pub sidecar_age_ns: u64,
-    pub tai_skew_ns: u64,
+    pub clamped_negative_elapsed_ns: u64,
     pub advance_cycles: u64,
     pub floor_cycles: u64,
     /// The guest TSC rate, kHz.
@@ -108,7 +108,7 @@ impl PlanSummary {
             destination_host: dst.identity.hostname.clone(),
             elapsed_ns: plan.elapsed_ns,
             sidecar_age_ns: dst.sample.tai_ns.saturating_sub(sidecar.capture.tai_ns),
-            tai_skew_ns: plan.tai_skew_ns,
+            clamped_negative_elapsed_ns: plan.clamped_negative_elapsed_ns,
             advance_cycles: plan.advance_cycles,
             floor_cycles: plan.floor_cycles,
             guest_tsc_khz: sidecar.vm_clock.tsc_khz,

@@ -41,7 +41,8 @@ DESCRIPTION
     GET: the offsets must equal what was written, unless the VMM reports TSC
     offsets inert on this host (capabilities.tsc_offset = false), which is
     reported as a warning. The report gives the mode, the elapsed time used,
-    the skew clamp and floor, every vCPU's correction, the kvm-clock method
+    the clamp of a negative elapsed time and the floor, every vCPU's
+    correction, the kvm-clock method
     and the error reached, and the error bound with its parts.
 
     Refusals (exit 2, 3, 4) leave the VM untouched. With --on-failure abort
@@ -630,10 +631,10 @@ pub fn human(rep: &RestoreReport) -> String {
             &mut out,
             "elapsed used",
             format!(
-                "{} (sidecar age {}, TAI skew {})",
+                "{} (sidecar age {}, negative elapsed clamped {})",
                 human_ns(s.elapsed_ns),
                 human_ns(s.sidecar_age_ns),
-                human_ns(s.tai_skew_ns)
+                human_ns(s.clamped_negative_elapsed_ns)
             ),
         );
         line(
@@ -698,7 +699,7 @@ pub fn human(rep: &RestoreReport) -> String {
                 human_ns(b.source_clock_ns),
                 human_ns(b.destination_clock_ns),
                 human_ns(b.offset_estimate_ns),
-                human_ns(b.rate_ns),
+                human_ns(b.rate_error_ns),
                 b.tsc_cycles,
                 human_ns(b.kvmclock_ns)
             ),

@@ -472,7 +472,7 @@ fn clockcarry_row(
         let bound_ns = b
             .source_bracket_ns
             .saturating_add(b.destination_bracket_ns)
-            .saturating_add(b.rate_ns);
+            .saturating_add(b.rate_error_ns);
         let bound_cycles = clockcarry::pvclock::ns_to_cycles(bound_ns, src.khz())
             .saturating_add(1)
             .saturating_add(ROUNDING_CYCLES);
@@ -486,7 +486,7 @@ fn clockcarry_row(
                     row.tsc_error_cycles,
                     b.source_bracket_ns,
                     b.destination_bracket_ns,
-                    b.rate_ns
+                    b.rate_error_ns
                 )
             },
         );
