@@ -77,8 +77,7 @@ pub fn read_trusted(what: &'static str, path: &Path, max_bytes: usize) -> FileRe
 
 /// The effective user id.
 fn euid() -> u32 {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    unsafe { libc::geteuid() }
+    nix::unistd::geteuid().as_raw()
 }
 
 /// Refuses ([`FileError::Untrusted`]) a file, described by `meta` (best

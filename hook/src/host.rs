@@ -17,6 +17,8 @@ use std::io::Read;
 use std::path::Path;
 use std::time::Duration;
 
+use nix::sys::utsname::uname;
+use nix::time::{clock_gettime, ClockId};
 use serde::{Deserialize, Serialize};
 
 use crate::model::{ClockQuality, HostIdentity, HostSample, LeapPending, TscFlags};
@@ -146,22 +148,14 @@ fn timespec_to_ns(tv_sec: i64, tv_nsec: i64) -> Option<u64> {
     sec.checked_mul(NS_PER_S)?.checked_add(nsec)
 }
 
-fn clock_ns(clock: libc::clockid_t, name: &'static str) -> Result<u64, HostError> {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: `ts` is a valid, writable timespec that outlives the call.
-    let rc = unsafe { libc::clock_gettime(clock, &mut ts) };
-    if rc != 0 {
-        return Err(HostError::ClockGettime {
-            clock: name,
-            errno: last_errno(),
-        });
-    }
+fn clock_ns(clock: ClockId, name: &'static str) -> Result<u64, HostError> {
+    let ts = clock_gettime(clock).map_err(|errno| HostError::ClockGettime {
+        clock: name,
+        errno: errno as i32,
+    })?;
     // time_t / c_long are i64 here but i32 on some targets.
     #[allow(clippy::useless_conversion)]
-    let (tv_sec, tv_nsec) = (i64::from(ts.tv_sec), i64::from(ts.tv_nsec));
+    let (tv_sec, tv_nsec) = (i64::from(ts.tv_sec()), i64::from(ts.tv_nsec()));
     timespec_to_ns(tv_sec, tv_nsec).ok_or(HostError::ClockOutOfRange {
         clock: name,
         tv_sec,
@@ -173,18 +167,18 @@ fn clock_ns(clock: libc::clockid_t, name: &'static str) -> Result<u64, HostError
 ///
 /// Equals CLOCK_REALTIME while the kernel's TAI offset is 0 ("unknown").
 pub fn tai_now_ns() -> Result<u64, HostError> {
-    clock_ns(libc::CLOCK_TAI, "CLOCK_TAI")
+    clock_ns(ClockId::CLOCK_TAI, "CLOCK_TAI")
 }
 
 /// `clock_gettime(CLOCK_REALTIME)` (UTC), ns since the epoch.
 pub fn realtime_now_ns() -> Result<u64, HostError> {
-    clock_ns(libc::CLOCK_REALTIME, "CLOCK_REALTIME")
+    clock_ns(ClockId::CLOCK_REALTIME, "CLOCK_REALTIME")
 }
 
 /// `clock_gettime(CLOCK_MONOTONIC_RAW)`, ns: the clocksource's own rate,
 /// never slewed by NTP.
 pub fn monotonic_raw_now_ns() -> Result<u64, HostError> {
-    clock_ns(libc::CLOCK_MONOTONIC_RAW, "CLOCK_MONOTONIC_RAW")
+    clock_ns(ClockId::CLOCK_MONOTONIC_RAW, "CLOCK_MONOTONIC_RAW")
 }
 
 /// Builds a [`ClockQuality`] from the raw `adjtimex` answer.
@@ -221,6 +215,7 @@ pub fn quality_from_timex(
 ///
 /// Never sets anything and needs no privilege.
 pub fn clock_quality() -> Result<(ClockQuality, i32), HostError> {
+    // Raw libc: nix has no adjtimex.
     // SAFETY: timex is plain integers; all-zero is a valid value, and
     // modes = 0 makes the call read-only.
     let mut tx: libc::timex = unsafe { std::mem::zeroed() };
@@ -290,6 +285,7 @@ fn check_tsc_usable() -> Result<(), HostError> {
     #[cfg(target_arch = "x86_64")]
     {
         let mut mode: libc::c_int = 0;
+        // Raw libc: nix's prctl module has no PR_GET_TSC.
         // SAFETY: PR_GET_TSC writes one int through the pointer, which is
         // valid for the duration of the call.
         let rc = unsafe { libc::prctl(libc::PR_GET_TSC, &mut mode as *mut libc::c_int) };
@@ -375,7 +371,7 @@ fn keep_narrower(best: Option<Bracket>, b: Bracket) -> Option<Bracket> {
 }
 
 /// One bracket around `clock`.
-fn take_bracket(clock: libc::clockid_t, name: &'static str) -> Result<Bracket, HostError> {
+fn take_bracket(clock: ClockId, name: &'static str) -> Result<Bracket, HostError> {
     let tsc_before = try_read_host_tsc()?;
     let clock_ns = clock_ns(clock, name)?;
     let tsc_after = try_read_host_tsc()?;
@@ -401,11 +397,7 @@ fn best_of(
 }
 
 /// The narrowest of `tries` (at least 1) brackets around `clock`.
-fn best_bracket(
-    clock: libc::clockid_t,
-    name: &'static str,
-    tries: u32,
-) -> Result<Bracket, HostError> {
+fn best_bracket(clock: ClockId, name: &'static str, tries: u32) -> Result<Bracket, HostError> {
     best_of(tries, || take_bracket(clock, name))
 }
 
@@ -434,7 +426,7 @@ pub fn sample(tries: u32, host_tsc_khz: u32) -> Result<HostSample, HostError> {
     let mut last = (0, 0);
     for _ in 0..TAI_OFFSET_ATTEMPTS {
         let (_, offset_before_s) = clock_quality()?;
-        let bracket = best_bracket(libc::CLOCK_TAI, "CLOCK_TAI", tries)?;
+        let bracket = best_bracket(ClockId::CLOCK_TAI, "CLOCK_TAI", tries)?;
         let (quality, tai_offset_s) = clock_quality()?;
         if tai_offset_s != offset_before_s {
             last = (offset_before_s, tai_offset_s);
@@ -523,9 +515,9 @@ fn rate_khz(cycles: u64, cycles_err: u64, ns: u64, ns_err: u64) -> Option<(u32, 
 pub fn calibrate_tsc_khz(window: Duration) -> Result<TscKhz, HostError> {
     const RAW: &str = "CLOCK_MONOTONIC_RAW";
     check_tsc_usable()?;
-    let b0 = best_bracket(libc::CLOCK_MONOTONIC_RAW, RAW, DEFAULT_TRIES)?;
+    let b0 = best_bracket(ClockId::CLOCK_MONOTONIC_RAW, RAW, DEFAULT_TRIES)?;
     std::thread::sleep(window);
-    let b1 = best_bracket(libc::CLOCK_MONOTONIC_RAW, RAW, DEFAULT_TRIES)?;
+    let b1 = best_bracket(ClockId::CLOCK_MONOTONIC_RAW, RAW, DEFAULT_TRIES)?;
     let bad = |reason| HostError::Calibration { reason };
     let (tsc0, half0) =
         bracket_midpoint(b0.tsc_before, b0.tsc_after).ok_or(bad("TSC went backwards"))?;
@@ -666,28 +658,16 @@ pub fn boot_id() -> Result<String, HostError> {
 /// The node name from `uname(2)` (the caller's UTS namespace).
 pub fn hostname() -> Result<String, HostError> {
     const WHAT: &str = "uname(2) nodename";
-    // SAFETY: utsname is arrays of c_char; all-zero is a valid value.
-    let mut uts: libc::utsname = unsafe { std::mem::zeroed() };
-    // SAFETY: `uts` is a valid, writable utsname that outlives the call.
-    if unsafe { libc::uname(&mut uts) } != 0 {
-        return Err(HostError::Uname {
-            errno: last_errno(),
-        });
-    }
+    let uts = uname().map_err(|errno| HostError::Uname {
+        errno: errno as i32,
+    })?;
     let invalid = |reason| HostError::InvalidContent {
         path: WHAT.to_owned(),
         reason,
     };
-    // c_char is i8 here and u8 on some targets: reinterpret the bits.
-    let bytes: Vec<u8> = uts.nodename.iter().map(|c| c.to_ne_bytes()[0]).collect();
-    let len = bytes
-        .iter()
-        .position(|b| *b == 0)
-        .ok_or(invalid("not NUL-terminated"))?;
-    let text = bytes
-        .get(..len)
-        .and_then(|b| std::str::from_utf8(b).ok())
-        .ok_or(invalid("not UTF-8"))?;
+    // Cut at the first NUL (the kernel always writes one: the name is at
+    // most __NEW_UTS_LEN = 64 bytes in a 65-byte field).
+    let text = uts.nodename().to_str().ok_or(invalid("not UTF-8"))?;
     validate_text(text).map(str::to_owned).map_err(invalid)
 }
 

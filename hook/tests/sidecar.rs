@@ -1080,8 +1080,7 @@ fn key_files_others_may_read_or_write_are_refused() {
     assert_eq!(SidecarKey::from_file(&path).unwrap().id(), key_a().id());
     fs::set_permissions(&path, fs::Permissions::from_mode(0o400)).unwrap();
     assert_eq!(SidecarKey::from_file(&path).unwrap().id(), key_a().id());
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } == 0 {
+    if nix::unistd::geteuid().is_root() {
         std::os::unix::fs::chown(&path, Some(65534), None).unwrap();
         let text = SidecarKey::from_file(&path).unwrap_err().to_string();
         assert!(text.contains("owned by uid 65534"), "{text}");
@@ -1144,9 +1143,7 @@ fn atomic_writes_never_replace_what_is_not_a_regular_file() {
     let sub = dir.path().join("sub");
     fs::create_dir(&sub).unwrap();
     let fifo = dir.path().join("fifo");
-    let c = std::ffi::CString::new(fifo.display().to_string()).unwrap();
-    // SAFETY: a NUL-terminated path; the result is checked.
-    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
     for (path, kind) in [
         (&link, "a symbolic link"),
         (&dangling, "a symbolic link"),

@@ -7,12 +7,15 @@
 mod cli_support;
 
 use std::io::{Read, Write};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use cli_support::{run, TempDir};
 use clockcarry::api::{ApiClient, ApiError, ApiOptions, ClockPut};
+use nix::sys::socket::{
+    bind, connect, listen, socket, AddressFamily, Backlog, SockFlag, SockType, UnixAddr,
+};
 
 const CONNECT: Duration = Duration::from_millis(200);
 const REQUEST: Duration = Duration::from_secs(10);
@@ -23,32 +26,16 @@ const BOUND: Duration = Duration::from_secs(3);
 /// nobody ever accepts from (std's listener has a backlog of its own
 /// choosing).
 fn listener(path: &Path, backlog: i32) -> OwnedFd {
-    use std::os::unix::ffi::OsStrExt;
-    // SAFETY: plain socket(2); checked below.
-    let fd = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
-    assert!(fd >= 0, "socket");
-    // SAFETY: a fresh descriptor nobody else owns.
-    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
-    // SAFETY: sockaddr_un is plain data.
-    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
-    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
-    let bytes = path.as_os_str().as_bytes();
-    assert!(bytes.len() < addr.sun_path.len());
-    for (d, s) in addr.sun_path.iter_mut().zip(bytes) {
-        *d = *s as libc::c_char;
-    }
-    let len = std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t;
-    // SAFETY: a valid sockaddr_un of `len` bytes.
-    let rc = unsafe {
-        libc::bind(
-            owned.as_raw_fd(),
-            (&addr as *const libc::sockaddr_un).cast(),
-            len,
-        )
-    };
-    assert_eq!(rc, 0, "bind {}", path.display());
-    // SAFETY: a bound stream socket.
-    assert_eq!(unsafe { libc::listen(owned.as_raw_fd(), backlog) }, 0);
+    let owned = socket(
+        AddressFamily::Unix,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .expect("socket");
+    let addr = UnixAddr::new(path).expect("socket path");
+    bind(owned.as_raw_fd(), &addr).unwrap_or_else(|e| panic!("bind {}: {e}", path.display()));
+    listen(&owned, Backlog::new(backlog).expect("backlog")).expect("listen");
     owned
 }
 
@@ -110,38 +97,16 @@ fn a_listener_that_never_accepts_costs_the_connect_timeout() {
 /// A non-blocking `connect(2)` to `path`: the connected socket, or the
 /// error (`EAGAIN` once the listener's backlog is full).
 fn try_connect(path: &Path) -> std::io::Result<OwnedFd> {
-    use std::os::unix::ffi::OsStrExt;
-    // SAFETY: plain socket(2); checked below.
-    let fd = unsafe {
-        libc::socket(
-            libc::AF_UNIX,
-            libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
-            0,
-        )
-    };
-    assert!(fd >= 0, "socket");
-    // SAFETY: a fresh descriptor nobody else owns.
-    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
-    // SAFETY: sockaddr_un is plain data.
-    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
-    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
-    for (d, s) in addr.sun_path.iter_mut().zip(path.as_os_str().as_bytes()) {
-        *d = *s as libc::c_char;
-    }
-    let len = std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t;
-    // SAFETY: a valid sockaddr_un of `len` bytes.
-    let rc = unsafe {
-        libc::connect(
-            owned.as_raw_fd(),
-            (&addr as *const libc::sockaddr_un).cast(),
-            len,
-        )
-    };
-    if rc == 0 {
-        Ok(owned)
-    } else {
-        Err(std::io::Error::last_os_error())
-    }
+    let owned = socket(
+        AddressFamily::Unix,
+        SockType::Stream,
+        SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .expect("socket");
+    let addr = UnixAddr::new(path).expect("socket path");
+    connect(owned.as_raw_fd(), &addr)?;
+    Ok(owned)
 }
 
 #[test]

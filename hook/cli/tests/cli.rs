@@ -13,6 +13,8 @@ use std::path::Path;
 use cli_support::{run, sample_vm, FakeVmm, PutBehavior, TempDir};
 use clockcarry::model::RunState;
 use clockcarry::sidecar::{Sidecar, SidecarKey};
+use nix::sys::stat::{makedev, mknod, Mode, SFlag};
+use nix::unistd::geteuid;
 use serde_json::Value;
 
 const KEY_A: &[u8] = b"clockcarry-cli-test-key-A-not-secret";
@@ -232,9 +234,7 @@ fn capture_never_replaces_what_is_not_a_regular_file() {
     let precious = dir.join("precious.json");
     std::fs::write(&precious, b"precious").expect("write");
     let fifo = dir.join("fifo");
-    let c = std::ffi::CString::new(fifo.display().to_string()).expect("path");
-    // SAFETY: a NUL-terminated path and a mode; the result is checked.
-    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0, "mkfifo");
+    nix::unistd::mkfifo(&fifo, Mode::from_bits_truncate(0o600)).expect("mkfifo");
     let subdir = dir.join("subdir");
     std::fs::create_dir(&subdir).expect("mkdir");
     let link = dir.join("link.json");
@@ -247,13 +247,16 @@ fn capture_never_replaces_what_is_not_a_regular_file() {
         (link, "a symbolic link"),
         (dangling, "a symbolic link"),
     ];
-    if unsafe_geteuid() == 0 {
+    if geteuid().is_root() {
         // What `mknod /tmp/n c 1 3` makes: the machine's /dev/null.
         let dev = dir.join("null-device");
-        let c = std::ffi::CString::new(dev.display().to_string()).expect("path");
-        // SAFETY: as above; makedev has no preconditions.
-        let rc = unsafe { libc::mknod(c.as_ptr(), libc::S_IFCHR | 0o666, libc::makedev(1, 3)) };
-        assert_eq!(rc, 0, "mknod");
+        mknod(
+            &dev,
+            SFlag::S_IFCHR,
+            Mode::from_bits_truncate(0o666),
+            makedev(1, 3),
+        )
+        .expect("mknod");
         cases.push((dev, "a character device"));
     } else {
         println!("SKIP (device case): not root");
@@ -444,7 +447,7 @@ fn permission_denied_is_named() {
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
     let vmm = FakeVmm::start(dir.path(), sample_vm(1, RunState::Running));
     std::fs::set_permissions(&vmm.socket, std::fs::Permissions::from_mode(0o600)).expect("chmod");
-    let is_root = unsafe_geteuid() == 0;
+    let is_root = geteuid().is_root();
     let setpriv = Path::new("/usr/bin/setpriv");
     if !is_root || !setpriv.is_file() {
         if is_root {
@@ -515,11 +518,6 @@ fn permission_denied_is_named() {
     assert_eq!(out.status.code(), Some(4), "{stderr}");
     assert!(stderr.contains("permission denied"), "{stderr}");
     assert_eq!(vmm.with(|s| s.gets), 0);
-}
-
-fn unsafe_geteuid() -> u32 {
-    // SAFETY: geteuid never fails and touches no memory.
-    unsafe { libc::geteuid() }
 }
 
 // --------------------------------------------------------------- restore

@@ -18,8 +18,7 @@ const KEY_A: &[u8] = b"clockcarry-auth-test-key-A-not-secret";
 const KEY_B: &[u8] = b"clockcarry-auth-test-key-B-not-secret";
 
 fn euid() -> u32 {
-    // SAFETY: geteuid has no preconditions.
-    unsafe { libc::geteuid() }
+    nix::unistd::geteuid().as_raw()
 }
 
 fn chmod(p: &Path, mode: u32) {

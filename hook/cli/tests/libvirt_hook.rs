@@ -908,8 +908,7 @@ fn reports_are_never_overwritten() {
 // -------------------------------------------------------- install, spawn
 
 fn euid() -> u32 {
-    // SAFETY: no preconditions.
-    unsafe { libc::geteuid() }
+    nix::unistd::geteuid().as_raw()
 }
 
 #[test]
@@ -1072,12 +1071,15 @@ fn detached_helper_does_not_hold_the_hook() {
     let fields: Vec<&str> = after_comm.split(' ').collect();
     let ppid: i32 = fields[1].parse().unwrap();
     let sid: i32 = fields[3].parse().unwrap();
-    // SAFETY: no preconditions.
-    let (my_pid, my_sid) = unsafe { (libc::getpid(), libc::getsid(0)) };
+    let my_pid = nix::unistd::getpid().as_raw();
+    let my_sid = nix::unistd::getsid(None).expect("getsid").as_raw();
     assert_ne!(sid, my_sid);
     assert_ne!(ppid, my_pid);
-    // SAFETY: signalling the process this test started.
-    unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+    // The helper this test started.
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
 

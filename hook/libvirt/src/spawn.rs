@@ -8,10 +8,16 @@
 //! that kept either pipe open would hold `started begin` (and with it the
 //! domain start) until the helper ended. Hence `/dev/null`.
 
-use std::ffi::{CString, OsString};
+use std::ffi::{CStr, CString, OsString};
+use std::fs::File;
 use std::io;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
+
+use nix::errno::Errno;
+use nix::sys::stat::{umask, Mode};
+use nix::sys::wait::{waitpid, WaitStatus};
+use nix::unistd::{chdir, dup2_stderr, dup2_stdin, dup2_stdout, fork, setsid, ForkResult};
 
 /// The environment the helper runs with (libvirt gives hooks a minimal one
 /// too).
@@ -45,60 +51,82 @@ pub fn spawn_detached(exe: &Path, args: &[OsString]) -> io::Result<()> {
         .read(true)
         .write(true)
         .open("/dev/null")?;
-    let devnull_fd = std::os::unix::io::AsRawFd::as_raw_fd(&devnull);
     let root = cstring(b"/")?;
 
-    // SAFETY: fork has no preconditions; the hook process is single
-    // threaded, and the children only call async-signal-safe functions
-    // (setsid, fork, dup2, close, chdir, umask, execve, _exit) on data
-    // prepared above.
-    let pid = unsafe { libc::fork() };
-    if pid < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    if pid == 0 {
-        // Middle child: new session, fork the helper, exit.
-        // SAFETY: see above; nothing here returns to Rust code.
-        unsafe {
-            libc::setsid();
-            let pid2 = libc::fork();
-            if pid2 < 0 {
-                libc::_exit(1);
-            }
-            if pid2 > 0 {
-                libc::_exit(0);
-            }
-            libc::dup2(devnull_fd, 0);
-            libc::dup2(devnull_fd, 1);
-            libc::dup2(devnull_fd, 2);
-            if libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32) != 0 {
-                for fd in 3..4096 {
-                    libc::close(fd);
-                }
-            }
-            libc::chdir(root.as_ptr());
-            libc::umask(0o077);
-            libc::execve(exe_c.as_ptr(), argv_p.as_ptr(), env_p.as_ptr());
-            libc::_exit(127);
+    // SAFETY: the hook is single threaded, and until execve the children make
+    // only async-signal-safe calls (setsid, fork, dup2, chdir, umask, close,
+    // execve, _exit) on data prepared above, allocating nothing.
+    let middle = match unsafe { fork() }.map_err(io::Error::from)? {
+        ForkResult::Child => {
+            middle_child(&devnull, &root, &exe_c, &argv_p, &env_p);
         }
-    }
-    let mut status: libc::c_int = 0;
-    loop {
-        // SAFETY: waiting for our own child; status points to a local.
-        let r = unsafe { libc::waitpid(pid, &mut status, 0) };
-        if r == pid {
-            break;
+        ForkResult::Parent { child } => child,
+    };
+    let status = loop {
+        match waitpid(middle, None) {
+            Ok(status) => break status,
+            Err(Errno::EINTR) => continue,
+            Err(e) => return Err(e.into()),
         }
-        let err = io::Error::last_os_error();
-        if err.kind() != io::ErrorKind::Interrupted {
-            return Err(err);
-        }
-    }
-    if libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0 {
+    };
+    if matches!(status, WaitStatus::Exited(_, 0)) {
         Ok(())
     } else {
         Err(io::Error::other(format!(
-            "the helper's middle process failed (wait status {status:#x})"
+            "the helper's middle process failed (wait status {})",
+            raw_wait_status(status)
         )))
     }
+}
+
+/// The middle child: a new session, then fork the helper and exit, so the
+/// helper is reparented away from the hook. Never returns.
+fn middle_child(
+    devnull: &File,
+    root: &CStr,
+    exe: &CStr,
+    argv: &[*const libc::c_char],
+    env: &[*const libc::c_char],
+) -> ! {
+    let _ = setsid();
+    // Raw libc for _exit (nix has none): it ends the process at once, with
+    // no atexit handler and no unwinding into the hook's code.
+    // SAFETY: as for the first fork (fork copies only the calling thread).
+    unsafe {
+        match fork() {
+            Ok(ForkResult::Child) => {}
+            Ok(ForkResult::Parent { .. }) => libc::_exit(0),
+            Err(_) => libc::_exit(1),
+        }
+    }
+    // The helper: stdio on /dev/null, no other descriptor, cwd /, then exec.
+    let _ = dup2_stdin(devnull);
+    let _ = dup2_stdout(devnull);
+    let _ = dup2_stderr(devnull);
+    let _ = chdir(root);
+    umask(Mode::from_bits_truncate(0o077));
+    // Raw libc: nix has no close_range, its close wants an owned descriptor,
+    // and its execve allocates the argv/envp arrays (not async-signal-safe).
+    // SAFETY: closes only descriptors this process inherited; argv and env
+    // are NULL-terminated arrays of pointers into live CStrings.
+    unsafe {
+        if libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32) != 0 {
+            for fd in 3..4096 {
+                libc::close(fd);
+            }
+        }
+        libc::execve(exe.as_ptr(), argv.as_ptr(), env.as_ptr());
+        libc::_exit(127)
+    }
+}
+
+/// The wait(2) status word behind `status`, as the error message has always
+/// shown it: exit code << 8, or the signal number (| 0x80 with a core).
+fn raw_wait_status(status: WaitStatus) -> String {
+    let raw = match status {
+        WaitStatus::Exited(_, code) => code << 8,
+        WaitStatus::Signaled(_, signal, core) => signal as i32 | if core { 0x80 } else { 0 },
+        other => return format!("{other:?}"),
+    };
+    format!("{raw:#x}")
 }

@@ -383,8 +383,7 @@ pub fn secure_dir(dir: &Path, mode: u32) -> Result<(), LibvirtError> {
             dir.display()
         )));
     }
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    let euid = unsafe { libc::geteuid() };
+    let euid = nix::unistd::geteuid().as_raw();
     if meta.uid() != euid {
         return Err(LibvirtError::State(format!(
             "{} is owned by uid {}, not {euid}",

@@ -124,67 +124,51 @@ impl Connector<()> for UnixConnector {
     }
 }
 
+/// Room in `sockaddr_un.sun_path` (108 bytes on Linux), terminating NUL
+/// included.
+const SUN_PATH_LEN: usize =
+    std::mem::size_of::<libc::sockaddr_un>() - std::mem::offset_of!(libc::sockaddr_un, sun_path);
+
 /// `connect(2)` on a non-blocking `AF_UNIX` stream socket, retried while the
 /// backlog is full, then switched back to blocking mode.
 fn connect_with_timeout(path: &Path, budget: StdDuration) -> Result<UnixStream, Error> {
-    use std::os::fd::{FromRawFd, OwnedFd};
+    use nix::errno::Errno;
+    use nix::sys::socket::{connect, socket, AddressFamily, SockFlag, SockType, UnixAddr};
+    use std::os::fd::AsRawFd;
     use std::os::unix::ffi::OsStrExt;
 
     let bytes = path.as_os_str().as_bytes();
-    // SAFETY: sockaddr_un is plain data; all-zero is a valid value.
-    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
-    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
     // Leave room for the terminating NUL.
-    if bytes.is_empty() || bytes.len() >= addr.sun_path.len() || bytes.contains(&0) {
+    if bytes.is_empty() || bytes.len() >= SUN_PATH_LEN || bytes.contains(&0) {
         return Err(Error::Io(io::Error::new(
             io::ErrorKind::InvalidInput,
             format!(
                 "socket path is empty, contains NUL or is longer than {} bytes",
-                addr.sun_path.len().saturating_sub(1)
+                SUN_PATH_LEN.saturating_sub(1)
             ),
         )));
     }
-    for (dst, src) in addr.sun_path.iter_mut().zip(bytes) {
-        *dst = src.to_ne_bytes()[0] as libc::c_char;
-    }
-    // SAFETY: plain socket(2) call; the result is checked.
-    let fd = unsafe {
-        libc::socket(
-            libc::AF_UNIX,
-            libc::SOCK_STREAM | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
-            0,
-        )
-    };
-    if fd < 0 {
-        return Err(Error::Io(io::Error::last_os_error()));
-    }
-    // SAFETY: `fd` is a fresh socket owned by nobody else.
-    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
-    let len = std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t;
+    let addr = UnixAddr::new(path).map_err(|e| Error::Io(e.into()))?;
+    let owned = socket(
+        AddressFamily::Unix,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
+        None,
+    )
+    .map_err(|e| Error::Io(e.into()))?;
     let deadline = StdInstant::now() + budget;
     loop {
-        // SAFETY: `addr` is a valid sockaddr_un of `len` bytes for the call.
-        let rc = unsafe {
-            libc::connect(
-                fd,
-                (&addr as *const libc::sockaddr_un).cast::<libc::sockaddr>(),
-                len,
-            )
-        };
-        if rc == 0 {
-            break;
-        }
-        let err = io::Error::last_os_error();
-        match err.raw_os_error() {
-            Some(libc::EINTR) => continue,
+        match connect(owned.as_raw_fd(), &addr) {
+            Ok(()) => break,
+            Err(Errno::EINTR) => continue,
             // Backlog full (Linux answers EAGAIN for AF_UNIX): retry.
-            Some(libc::EAGAIN) | Some(libc::EINPROGRESS) => {
+            Err(Errno::EAGAIN | Errno::EINPROGRESS) => {
                 if StdInstant::now() >= deadline {
                     return Err(Error::Timeout(Timeout::Connect));
                 }
                 std::thread::sleep(BACKLOG_RETRY);
             }
-            _ => return Err(Error::Io(err)),
+            Err(e) => return Err(Error::Io(e.into())),
         }
     }
     let stream = UnixStream::from(owned);
@@ -231,6 +215,8 @@ impl Pending {
 fn unread_output(stream: &UnixStream) -> io::Result<usize> {
     use std::os::fd::AsRawFd;
     let mut n: libc::c_int = 0;
+    // Raw libc: nix has no wrapper for SIOCOUTQ, and its ioctl macros would
+    // only generate an `unsafe fn` around this same call.
     // SAFETY: TIOCOUTQ (= SIOCOUTQ) writes one int through the pointer,
     // which points at `n` for the duration of the call.
     let rc = unsafe {
@@ -249,23 +235,22 @@ fn unread_output(stream: &UnixStream) -> io::Result<usize> {
 /// Waits up to `wait` for `stream` to become readable (an answer, or the
 /// peer closing). True when it is.
 fn readable_within(stream: &UnixStream, wait: StdDuration) -> io::Result<bool> {
-    use std::os::fd::AsRawFd;
-    let mut pfd = libc::pollfd {
-        fd: stream.as_raw_fd(),
-        events: libc::POLLIN,
-        revents: 0,
-    };
+    use nix::errno::Errno;
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    use std::os::fd::AsFd;
     // Round up so a sub-millisecond remainder still waits.
-    let ms = libc::c_int::try_from(wait.as_micros().div_ceil(1000)).unwrap_or(libc::c_int::MAX);
+    let timeout =
+        PollTimeout::try_from(wait.as_micros().div_ceil(1000)).unwrap_or(PollTimeout::MAX);
+    let mut fds = [PollFd::new(stream.as_fd(), PollFlags::POLLIN)];
     loop {
-        // SAFETY: one valid pollfd for the duration of the call.
-        let rc = unsafe { libc::poll(&mut pfd, 1, ms) };
-        if rc >= 0 {
-            return Ok(rc > 0 && pfd.revents != 0);
-        }
-        let e = io::Error::last_os_error();
-        if e.kind() != io::ErrorKind::Interrupted {
-            return Err(e);
+        match poll(&mut fds, timeout) {
+            Ok(n) => {
+                let [pfd] = &fds;
+                // Any revents bit counts, including one nix has no name for.
+                return Ok(n > 0 && pfd.any().unwrap_or(true));
+            }
+            Err(Errno::EINTR) => continue,
+            Err(e) => return Err(e.into()),
         }
     }
 }

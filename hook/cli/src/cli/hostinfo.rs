@@ -89,8 +89,7 @@ pub fn run_dir() -> PathBuf {
 
 /// Owned by us and writable by nobody else.
 fn trusted(meta: &fs::Metadata) -> bool {
-    // SAFETY: geteuid never fails.
-    let euid = unsafe { libc::geteuid() };
+    let euid = nix::unistd::geteuid().as_raw();
     meta.uid() == euid && meta.mode() & 0o022 == 0
 }
 

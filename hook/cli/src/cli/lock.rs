@@ -14,10 +14,11 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
+use nix::errno::Errno;
+use nix::fcntl::{Flock, FlockArg};
 use sha2::{Digest, Sha256};
 
 use super::exit::{CliError, CliResult, Exit};
@@ -29,7 +30,7 @@ const MAX_NOTE_BYTES: u64 = 512;
 /// A held per-VM lock; dropping it (or exiting) releases it.
 #[derive(Debug)]
 pub struct VmLock {
-    _file: File,
+    _file: Flock<File>,
 }
 
 /// The path that identifies the VM: the socket's canonical path when it
@@ -72,8 +73,7 @@ fn lock_dir(dir: &Path) -> CliResult<()> {
         Err(e) => return Err(internal(format!("cannot create it: {e}"))),
     }
     let meta = fs::symlink_metadata(dir).map_err(|e| internal(e.to_string()))?;
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    let euid = unsafe { libc::geteuid() };
+    let euid = nix::unistd::geteuid().as_raw();
     if !meta.is_dir() || meta.uid() != euid || meta.mode() & 0o022 != 0 {
         return Err(internal(format!(
             "not a directory owned by uid {euid} and writable by it alone (uid {}, mode {:o})",
@@ -94,7 +94,7 @@ pub fn lock_vm(api_socket: &Path, op: &str) -> CliResult<VmLock> {
     let path = lock_path(api_socket);
     let dir = path.parent().unwrap_or(Path::new("/"));
     lock_dir(dir)?;
-    let mut file = OpenOptions::new()
+    let file = OpenOptions::new()
         .read(true)
         .write(true)
         .create(true)
@@ -103,11 +103,9 @@ pub fn lock_vm(api_socket: &Path, op: &str) -> CliResult<VmLock> {
         .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
         .open(&path)
         .map_err(|e| CliError::internal(format!("lock file {}: {e}", path.display())))?;
-    // SAFETY: flock on a file descriptor this function owns; no memory is shared.
-    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-    if rc != 0 {
-        let err = std::io::Error::last_os_error();
-        if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
+    let mut file = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+        Ok(locked) => locked,
+        Err((file, Errno::EWOULDBLOCK)) => {
             let mut note = String::new();
             let _ = (&file).take(MAX_NOTE_BYTES).read_to_string(&mut note);
             let holder = note.lines().next().unwrap_or("").trim().to_string();
@@ -129,11 +127,14 @@ pub fn lock_vm(api_socket: &Path, op: &str) -> CliResult<VmLock> {
                  read its result before running another",
             ));
         }
-        return Err(CliError::internal(format!(
-            "cannot lock {}: {err}",
-            path.display()
-        )));
-    }
+        Err((_, errno)) => {
+            return Err(CliError::internal(format!(
+                "cannot lock {}: {}",
+                path.display(),
+                std::io::Error::from(errno)
+            )));
+        }
+    };
     // The note is for the operator only; failing to write it changes nothing.
     let note = format!(
         "{op} by pid {} on {}\n",
