@@ -24,11 +24,6 @@ use crate::sidecar::{SidecarBody, SidecarError};
 /// pair's point: the most re-anchoring can lose to truncation, in ns.
 pub const DERIVED_LINE_LIFT_NS: u64 = 2;
 
-/// What KVM_SET_CLOCK loses to truncation besides the anchor: its new PVTI is
-/// re-anchored (up to 2 ns, as for a derived line) and its realtime catch-up
-/// counts ns while the TSC counts cycles (1 ns), in ns.
-pub const SET_CLOCK_ROUNDING_NS: u64 = 3;
-
 /// How far the kvm-clock line in the destination VM's memory may lie from
 /// the sidecar's line, at the memory line's anchor, for the two to count as
 /// one VM's line: re-anchoring rounds by a few ns, and a master-clock update
