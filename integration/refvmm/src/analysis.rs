@@ -28,7 +28,7 @@
 use std::path::PathBuf;
 
 use clockcarry::model::Pvti;
-use clockcarry::pvclock::{rate_hz_from_scale, scale_delta};
+use clockcarry::pvclock::rate_hz_from_scale;
 use serde::Serialize;
 
 use crate::probelog::{self, LoggedReport};
@@ -79,23 +79,9 @@ fn sat(v: i128) -> i64 {
     i64::try_from(v).unwrap_or(if v < 0 { i64::MIN } else { i64::MAX })
 }
 
-/// The line at `tsc`, extended below `tsc_timestamp` (no wrap), ns.
-pub fn line_at(p: &Pvti, tsc: u64) -> i128 {
-    let base = i128::from(p.system_time);
-    if tsc >= p.tsc_timestamp {
-        base + i128::from(scale_delta(
-            tsc - p.tsc_timestamp,
-            p.tsc_to_system_mul,
-            p.tsc_shift,
-        ))
-    } else {
-        base - i128::from(scale_delta(
-            p.tsc_timestamp - tsc,
-            p.tsc_to_system_mul,
-            p.tsc_shift,
-        ))
-    }
-}
+/// The line at `tsc`, extended below `tsc_timestamp` (no wrap), ns: the
+/// library's one line evaluation.
+pub use clockcarry::pvclock::line_at_ns as line_at;
 
 struct Point {
     vm: String,

@@ -5,7 +5,6 @@ use clockcarry::host::read_host_tsc;
 use clockcarry::kvm::guest::{TestVm, CODE_GPA, PORT_TSC_HIGH, PORT_TSC_LOW, PVTI_GPA};
 use clockcarry::kvm::{read_pvti_consistent, sys};
 use clockcarry::model::{KvmClockSample, Pvti, KVM_CLOCK_REALTIME, KVM_CLOCK_TSC_STABLE};
-use clockcarry::pvclock::scale_delta;
 use kvm_bindings::{kvm_msr_entry, Msrs};
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use serde::{Deserialize, Serialize};
@@ -121,17 +120,9 @@ pub fn master_clock(vm: &TestVm) -> Result<bool, String> {
     Ok(s.flags & KVM_CLOCK_TSC_STABLE != 0)
 }
 
-/// A PVTI line at guest TSC `tsc`, ns, extended below `tsc_timestamp`
-/// (where the guest's own formula would wrap).
-pub fn line_at(pvti: &Pvti, tsc: u64) -> i128 {
-    let base = i128::from(pvti.system_time);
-    let (mul, shift) = (pvti.tsc_to_system_mul, pvti.tsc_shift);
-    if tsc >= pvti.tsc_timestamp {
-        base + i128::from(scale_delta(tsc - pvti.tsc_timestamp, mul, shift))
-    } else {
-        base - i128::from(scale_delta(pvti.tsc_timestamp - tsc, mul, shift))
-    }
-}
+/// A PVTI line at guest TSC `tsc`, ns, extended below `tsc_timestamp`:
+/// the library's one line evaluation.
+pub use clockcarry::pvclock::line_at_ns as line_at;
 
 /// What a stock VMM saves of the clock: each vCPU's MSR_IA32_TSC
 /// (KVM_GET_MSRS) and one KVM_GET_CLOCK (QEMU, Firecracker, Cloud Hypervisor).
