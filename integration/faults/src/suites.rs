@@ -481,8 +481,8 @@ fn facts(events: &[Event]) -> Facts {
 /// (b) The VMM SIGKILLed during the PUT: half the rounds through the
 /// recording proxy, killed a random 0 ..= 1/3 x PUT time after the PUT was
 /// handed to the VMM; half on the VMM's own socket at a random moment from
-/// the restore's `main` to just past its typical PUT. Then a new VMM restores the snapshot and the rerun must
-/// succeed there.
+/// the restore's `main` to just past its typical PUT. Then a new VMM
+/// restores the snapshot and the rerun must succeed there.
 pub fn kill_vmm(env: &Env, rounds: u32, rng: &mut Rng) -> Summary {
     let mut s = Summary::new("kill-vmm");
     let mut c = Common {
