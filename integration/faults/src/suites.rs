@@ -6,12 +6,13 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
+use std::thread::JoinHandle;
 use std::time::Duration;
 
 use serde_json::{json, Value};
 
 use crate::harness::{
-    classify, clock_put, get_clock, resume_and_check, Env, Offsets, Vmm, INJECT_OFFSETS,
+    classify, clock_put, get_clock, resume_and_check, Calib, Env, Offsets, Vmm, INJECT_OFFSETS,
 };
 use crate::proxy::{Event, Phase, Proxy, Trigger};
 use crate::util::{kill9, ms, now_ns, sleep_until, Proc, Rng};
@@ -205,18 +206,30 @@ fn judge(env: &Env, r: &Round, sock: &Path) -> Result<(Offsets, bool, String), S
     Ok((off, applied, note))
 }
 
-/// `clockcarry restore` again: must exit 0 and leave the plan's offsets.
+/// `clockcarry restore` again: must exit 0 and leave the offsets its own
+/// plan chose (its report's `vcpus[].new_offset`). That plan is the round's
+/// unless the fault left a vCPU ahead of it: the planner's floor then moves
+/// every vCPU up so none goes backwards (seen with `--inject-failure`).
 fn rerun(env: &Env, sock: &Path, planned: &[i64]) -> Result<u64, String> {
-    let (code, _, p) = env.run_restore(sock, "rerun")?;
+    let (code, report, p) = env.run_restore(sock, "rerun")?;
     let took = p.t_exit.unwrap_or(p.t_spawn) - p.t_spawn;
     if code != 0 {
         return Err(format!("rerun exited {code}: {}", p.stderr_tail()));
     }
     if env.inert.is_none() {
+        let own: Option<Vec<i64>> = report["vcpus"]
+            .as_array()
+            .and_then(|v| v.iter().map(|c| c["new_offset"].as_i64()).collect());
+        let own = own.ok_or("rerun exited 0 but its report has no vcpus[].new_offset")?;
         let now = get_clock(sock)?.offsets;
-        if now != planned {
+        if now != own {
             return Err(format!(
-                "rerun exited 0 but offsets are {now:?}, plan {planned:?}"
+                "rerun exited 0 but offsets are {now:?}, its plan {own:?}"
+            ));
+        }
+        if own != planned {
+            env.log(&format!(
+                "rerun planned {own:?}, the round's plan was {planned:?}"
             ));
         }
     }
@@ -277,7 +290,90 @@ fn report_of(p: &Proc) -> Value {
     serde_json::from_str(&p.stdout()).unwrap_or(Value::Null)
 }
 
+/// The VMM's own socket, and the proxy's.
+fn dst(env: &Env) -> PathBuf {
+    env.path("dst.sock")
+}
+
+fn pxy(env: &Env) -> PathBuf {
+    env.path("proxy.sock")
+}
+
+/// Runs the rounds; a round that returns `Err` could not be carried out (a
+/// round error: the suite fails). Its VMM, if any, is killed when dropped.
+fn run_rounds<S>(
+    env: &Env,
+    name: &str,
+    rounds: u32,
+    c: &mut Common,
+    st: &mut S,
+    rng: &mut Rng,
+    round: fn(&Env, &mut Common, &mut S, u32, &mut Rng) -> Result<(), String>,
+) {
+    for i in 0..rounds {
+        c.rounds += 1;
+        crate::util::step(format!("{name} round {i}"));
+        if let Err(e) = round(env, c, st, i, rng) {
+            c.errors += 1;
+            c.fail(i, e);
+        }
+    }
+}
+
+/// Judges the offsets and counts them; `expect_applied`: a restore claims
+/// to have applied the plan, so all old is inconsistent too.
+fn record_offsets(
+    env: &Env,
+    c: &mut Common,
+    i: u32,
+    r: &Round,
+    expect_applied: bool,
+) -> Result<(Offsets, bool), String> {
+    let (mut off, applied, mut note) = judge(env, r, &dst(env))?;
+    if off == Offsets::AllOld && expect_applied {
+        off = Offsets::Inconsistent;
+        note = format!("a restore exited 0 but the offsets are the old ones; {note}");
+    }
+    c.offsets.add(off.name());
+    if applied {
+        c.put_applied += 1;
+    }
+    if off == Offsets::Inconsistent {
+        c.fail(i, format!("offsets inconsistent: {note}"));
+    }
+    Ok((off, applied))
+}
+
+/// `clockcarry restore` on the VMM's socket, or through a new proxy.
+fn spawn_via(env: &Env, proxied: bool, tag: &str) -> Result<(Proc, Option<Proxy>), String> {
+    if !proxied {
+        return Ok((env.spawn_restore(&dst(env), tag)?, None));
+    }
+    let px = Proxy::start(&pxy(env), &dst(env))?;
+    let p = env.spawn_restore(&pxy(env), tag)?;
+    Ok((p, Some(px)))
+}
+
+fn exit_code(st: Option<std::process::ExitStatus>) -> i32 {
+    st.map(|s| crate::util::describe(&s).1).unwrap_or(-1)
+}
+
+fn applied_word(applied: bool) -> &'static str {
+    if applied {
+        "applied"
+    } else {
+        "not applied"
+    }
+}
+
 // ---------------------------------------------------------------------------
+
+#[derive(Default)]
+struct KillRestore {
+    landed: Tally,
+    modes: Tally,
+    outcomes: Tally,
+}
 
 /// (a) `kill -9` of `clockcarry restore` at a random moment. Rounds cycle
 /// through three ways of choosing it:
@@ -298,86 +394,108 @@ pub fn kill_restore(env: &Env, rounds: u32, rng: &mut Rng) -> Summary {
         track_put: true,
         ..Common::default()
     };
-    let (mut landed, mut modes, mut outcomes) =
-        (Tally::default(), Tally::default(), Tally::default());
-    let sock = env.path("dst.sock");
-    let px = env.path("proxy.sock");
-    const MODES: [&str; 3] = ["uniform", "put_window", "on_put"];
-    for i in 0..rounds {
-        c.rounds += 1;
-        let tag = format!("kill-restore-{i}");
-        crate::util::step(format!("kill-restore round {i}"));
-        let cal = env.calib.get();
-        let log = round_log(env, &tag);
-        let mut r = match begin(env, &sock, &log, &tag) {
-            Ok(r) => r,
-            Err(e) => {
-                c.errors += 1;
-                c.fail(i, format!("setup: {e}"));
-                continue;
+    let mut st = KillRestore::default();
+    run_rounds(
+        env,
+        "kill-restore",
+        rounds,
+        &mut c,
+        &mut st,
+        rng,
+        kill_restore_round,
+    );
+    s.set("rounds", json!(c.rounds));
+    c.offsets_json(&mut s, env);
+    s.set("killed", st.landed.json());
+    s.set("delay_modes", st.modes.json());
+    s.set("restore_status", st.outcomes.json());
+    c.finish(&mut s, env, vec![]);
+    s
+}
+
+const KILL_MODES: [&str; 3] = ["uniform", "put_window", "on_put"];
+
+fn kill_delay(mode: &str, cal: &Calib, rng: &mut Rng) -> u64 {
+    match mode {
+        "uniform" => rng.range(0, cal.exit_ns),
+        "put_window" => {
+            let m = cal.put_ns().max(200_000).max(cal.exit_ns / 10);
+            rng.range(cal.put_start_ns.saturating_sub(m), cal.put_end_ns + m)
+        }
+        _ => rng.range(0, cal.put_ns()),
+    }
+}
+
+/// Kills `p` `delay` after its spawn, or, with `proxy`, `delay` after its
+/// PUT arrived there (not at all if it exits first). (killed, instant).
+fn kill_at(p: &mut Proc, proxy: Option<&Proxy>, delay: u64) -> (bool, u64) {
+    let Some(px) = proxy else {
+        sleep_until(p.t_spawn + delay);
+        return (p.kill(), now_ns());
+    };
+    let (tx, rx) = mpsc::channel::<u64>();
+    px.set_trigger(Trigger::new("PUT", CLOCK, Phase::RequestReceived, 1, tx));
+    let mut killed = (false, 0);
+    let end = now_ns() + WAIT.as_nanos() as u64;
+    while now_ns() < end {
+        if let Ok(t) = rx.recv_timeout(Duration::from_millis(20)) {
+            sleep_until(t + delay);
+            killed = (p.kill(), now_ns());
+            break;
+        }
+        if p.poll().is_some() {
+            break;
+        }
+    }
+    px.clear_trigger();
+    killed
+}
+
+fn kill_landing(events: Option<&[Event]>, killed: bool, t_kill: u64, applied: bool) -> String {
+    let land = match (events, killed) {
+        (_, false) => "after_exit",
+        (Some(ev), true) => {
+            let before = |ph: Phase, m: &str| {
+                ev.iter()
+                    .any(|e| e.phase == ph && e.method == m && e.path == CLOCK && e.t <= t_kill)
+            };
+            if !before(Phase::RequestReceived, "PUT") {
+                "before_put"
+            } else if !before(Phase::AnswerForwarded, "PUT") {
+                "during_put"
+            } else {
+                "after_put"
             }
-        };
-        let mode = MODES[i as usize % 3];
-        modes.add(mode);
-        let delay = match mode {
-            "uniform" => rng.range(0, cal.exit_ns),
-            "put_window" => {
-                let m = cal.put_ns().max(200_000).max(cal.exit_ns / 10);
-                rng.range(cal.put_start_ns.saturating_sub(m), cal.put_end_ns + m)
-            }
-            _ => rng.range(0, cal.put_ns()),
-        };
-        let mut proxy = None;
-        let spawned = if mode == "on_put" {
-            match Proxy::start(&px, &sock) {
-                Ok(p) => {
-                    let sp = env.spawn_restore(&px, &tag);
-                    proxy = Some(p);
-                    sp
-                }
-                Err(e) => Err(e),
-            }
-        } else {
-            env.spawn_restore(&sock, &tag)
-        };
-        let mut p = match spawned {
-            Ok(p) => p,
-            Err(e) => {
-                c.errors += 1;
-                c.fail(i, e);
-                env.shutdown(&mut r.vmm);
-                continue;
-            }
-        };
-        let (killed, t_kill) = if let Some(px) = proxy.as_ref() {
-            // Kill when the PUT has arrived (+ delay); if it never does,
-            // the restore ran to its end without one.
-            let (tx, rx) = mpsc::channel::<u64>();
-            px.set_trigger(Trigger::new("PUT", CLOCK, Phase::RequestReceived, 1, tx));
-            let mut killed = (false, 0);
-            let end = now_ns() + WAIT.as_nanos() as u64;
-            while now_ns() < end {
-                if let Ok(t) = rx.recv_timeout(Duration::from_millis(20)) {
-                    sleep_until(t + delay);
-                    killed = (p.kill(), now_ns());
-                    break;
-                }
-                if p.poll().is_some() {
-                    break;
-                }
-            }
-            px.clear_trigger();
-            killed
-        } else {
-            sleep_until(p.t_spawn + delay);
-            (p.kill(), now_ns())
-        };
-        let st = p.wait_for(WAIT);
-        let how = match &st {
-            Some(st) => crate::util::describe(st).0,
-            None => "did not exit".into(),
-        };
-        if !killed && st.and_then(|s| s.code()) != Some(0) {
+        }
+        (None, true) if applied => "put_applied",
+        (None, true) => "put_not_applied",
+    };
+    format!("{}{land}", if events.is_some() { "" } else { "direct_" })
+}
+
+fn kill_restore_round(
+    env: &Env,
+    c: &mut Common,
+    st: &mut KillRestore,
+    i: u32,
+    rng: &mut Rng,
+) -> Result<(), String> {
+    let cal = env.calib.get();
+    let tag = format!("kill-restore-{i}");
+    let log = round_log(env, &tag);
+    let mut r = begin(env, &dst(env), &log, &tag)?;
+    let mode = KILL_MODES[i as usize % KILL_MODES.len()];
+    st.modes.add(mode);
+    let delay = kill_delay(mode, &cal, rng);
+    let (mut p, proxy) = spawn_via(env, mode == "on_put", &tag)?;
+    let (killed, t_kill) = kill_at(&mut p, proxy.as_ref(), delay);
+    let status = p.wait_for(WAIT);
+    let mut how = match &status {
+        Some(s) => crate::util::describe(s).0,
+        None => "did not exit".into(),
+    };
+    if !killed {
+        if exit_code(status) != 0 {
             c.fail(
                 i,
                 format!(
@@ -386,67 +504,22 @@ pub fn kill_restore(env: &Env, rounds: u32, rng: &mut Rng) -> Summary {
                 ),
             );
         }
-        let how = if killed {
-            how
-        } else {
-            format!("{how} before the kill")
-        };
-        outcomes.add(if killed { "killed" } else { "finished" });
-        let events = proxy.take().map(|p| p.stop());
-        let (off, applied, note) = match judge(env, &r, &sock) {
-            Ok(j) => j,
-            Err(e) => {
-                c.errors += 1;
-                c.fail(i, format!("after the kill: {e}"));
-                env.shutdown(&mut r.vmm);
-                continue;
-            }
-        };
-        let land = match (&events, killed) {
-            (_, false) => "after_exit",
-            (Some(ev), true) => {
-                let before = |ph: Phase, m: &str| {
-                    ev.iter()
-                        .any(|e| e.phase == ph && e.method == m && e.path == CLOCK && e.t <= t_kill)
-                };
-                if !before(Phase::RequestReceived, "PUT") {
-                    "before_put"
-                } else if !before(Phase::AnswerForwarded, "PUT") {
-                    "during_put"
-                } else {
-                    "after_put"
-                }
-            }
-            (None, true) if applied => "put_applied",
-            (None, true) => "put_not_applied",
-        };
-        landed.add(format!(
-            "{}{land}",
-            if events.is_some() { "" } else { "direct_" }
-        ));
-        c.offsets.add(off.name());
-        if applied {
-            c.put_applied += 1;
-        }
-        if off == Offsets::Inconsistent {
-            c.fail(i, format!("offsets inconsistent: {note}"));
-        }
-        let tail = finish_round(env, &mut c, i, &mut r, &sock, &[&log]);
-        env.log(&format!(
-            "kill-restore {}/{rounds}: {mode} +{}, {land}, {how}; offsets {}, PUT {}; {tail}",
-            i + 1,
-            ms(delay),
-            off.name(),
-            if applied { "applied" } else { "not applied" }
-        ));
+        how.push_str(" before the kill");
     }
-    s.set("rounds", json!(c.rounds));
-    c.offsets_json(&mut s, env);
-    s.set("killed", landed.json());
-    s.set("delay_modes", modes.json());
-    s.set("restore_status", outcomes.json());
-    c.finish(&mut s, env, vec![]);
-    s
+    st.outcomes.add(if killed { "killed" } else { "finished" });
+    let events = proxy.map(Proxy::stop);
+    let (off, applied) = record_offsets(env, c, i, &r, false)?;
+    let land = kill_landing(events.as_deref(), killed, t_kill, applied);
+    st.landed.add(land.clone());
+    let tail = finish_round(env, c, i, &mut r, &dst(env), &[&log]);
+    env.log(&format!(
+        "kill-restore {}: {mode} +{}, {land}, {how}; offsets {}, PUT {}; {tail}",
+        i + 1,
+        ms(delay),
+        off.name(),
+        applied_word(applied)
+    ));
+    Ok(())
 }
 
 // ---------------------------------------------------------------------------
@@ -478,6 +551,17 @@ fn facts(events: &[Event]) -> Facts {
     }
 }
 
+#[derive(Default)]
+struct KillVmm {
+    codes: Tally,
+    landed: Tally,
+    modes: Tally,
+    false_success: u64,
+    wrong_exit: u64,
+    hung: u64,
+    not_fired: u64,
+}
+
 /// (b) The VMM SIGKILLed during the PUT: half the rounds through the
 /// recording proxy, killed a random 0 ..= 1/3 x PUT time after the PUT was
 /// handed to the VMM; half on the VMM's own socket at a random moment from
@@ -485,196 +569,177 @@ fn facts(events: &[Event]) -> Facts {
 /// restores the snapshot and the rerun must succeed there.
 pub fn kill_vmm(env: &Env, rounds: u32, rng: &mut Rng) -> Summary {
     let mut s = Summary::new("kill-vmm");
-    let mut c = Common {
-        track_put: false,
-        ..Common::default()
+    let mut c = Common::default();
+    let mut st = KillVmm::default();
+    run_rounds(
+        env,
+        "kill-vmm",
+        rounds,
+        &mut c,
+        &mut st,
+        rng,
+        kill_vmm_round,
+    );
+    s.set("rounds", json!(c.rounds));
+    s.set("vmm_killed", json!(c.rounds - st.not_fired));
+    s.set("all_old", Value::Null);
+    s.set("all_new", Value::Null);
+    s.set("inconsistent", Value::Null);
+    s.set("modes", st.modes.json());
+    s.set("killed", st.landed.json());
+    s.set("restore_exit_codes", st.codes.json());
+    s.set("false_success", json!(st.false_success));
+    s.set("wrong_exit", json!(st.wrong_exit));
+    s.set("hung", json!(st.hung));
+    s.pass = st.false_success == 0 && st.wrong_exit == 0 && st.hung == 0 && st.not_fired == 0;
+    let skipped = "offset_consistency: the VM dies with its VMM (the rerun's VM is checked \
+                   for the plan's offsets instead)";
+    c.finish(&mut s, env, vec![skipped.into()]);
+    s
+}
+
+/// Through a new proxy: a restore, and an actor that SIGKILLs the VMM
+/// `delay` after the restore's PUT was handed to it, then makes the proxy
+/// refuse connections like a dead VMM's socket.
+fn arm_vmm_kill(
+    env: &Env,
+    tag: &str,
+    vmm_pid: i32,
+    delay: u64,
+) -> Result<(Proc, Proxy, JoinHandle<Option<u64>>), String> {
+    let px = Proxy::start(&pxy(env), &dst(env))?;
+    let (tx, rx) = mpsc::channel::<u64>();
+    px.set_trigger(Trigger::new("PUT", CLOCK, Phase::RequestForwarded, 1, tx));
+    let closer = px.closer();
+    let actor = std::thread::spawn(move || {
+        let t = rx.recv_timeout(WAIT).ok()?;
+        sleep_until(t + delay);
+        kill9(vmm_pid);
+        closer.close_listener();
+        Some(now_ns() - t)
+    });
+    let p = env.spawn_restore(&pxy(env), tag)?;
+    Ok((p, px, actor))
+}
+
+/// What the restore's exit must be, given what the proxy saw.
+fn judge_vmm_kill(st: &mut KillVmm, c: &mut Common, i: u32, events: &[Event], code: i32, p: &Proc) {
+    let f = facts(events);
+    st.landed.add(if !f.put_answered {
+        "during_put"
+    } else if !f.verify_answered {
+        "after_put_before_verify"
+    } else {
+        "after_verify"
+    });
+    let expected = if f.verify_answered { 0 } else { 6 };
+    if code == 0 && !f.verify_answered {
+        st.false_success += 1;
+        c.fail(
+            i,
+            "restore exited 0 although its verification was never answered".into(),
+        );
+    } else if code != expected {
+        st.wrong_exit += 1;
+        c.fail(
+            i,
+            format!(
+                "restore exited {code}, expected {expected} (PUT sent {}, answered {}, \
+                 verified {}; {}): {}",
+                f.put_sent,
+                f.put_answered,
+                f.verify_answered,
+                crate::proxy::describe(events),
+                p.stderr_tail()
+            ),
+        );
+    }
+}
+
+fn kill_vmm_round(
+    env: &Env,
+    c: &mut Common,
+    st: &mut KillVmm,
+    i: u32,
+    rng: &mut Rng,
+) -> Result<(), String> {
+    let cal = env.calib.get();
+    let tag = format!("kill-vmm-{i}");
+    let log = round_log(env, &tag);
+    let mut r = begin(env, &dst(env), &log, &tag)?;
+    let on_put = i % 2 == 0;
+    st.modes.add(if on_put { "on_put" } else { "timed" });
+    let vmm_pid = r.vmm.pid();
+    let (mut p, proxy, actor, delay) = if on_put {
+        // The PUT's round trip as the client sees it includes its encoding
+        // and the answer's; the VMM's apply is its first part.
+        let delay = rng.range(0, (cal.put_ns() / 3).max(50_000));
+        let (p, px, actor) = arm_vmm_kill(env, &tag, vmm_pid, delay)?;
+        (p, Some(px), Some(actor), delay)
+    } else {
+        // From main (before it the VMM is asked nothing) to past the PUT.
+        let delay = rng.range(cal.main_ns, cal.put_end_ns + cal.put_ns().max(300_000));
+        let mut p = env.spawn_restore(&dst(env), &tag)?;
+        sleep_until(p.t_spawn + delay);
+        let alive = p.poll().is_none();
+        r.vmm.proc.kill();
+        st.landed
+            .add(if alive { "timed" } else { "timed_after_exit" });
+        (p, None, None, delay)
     };
-    let (mut codes, mut landed, mut modes) = (Tally::default(), Tally::default(), Tally::default());
-    let (mut false_success, mut wrong_exit, mut hung, mut not_fired) = (0u64, 0u64, 0u64, 0u64);
-    let sock = env.path("dst.sock");
-    let px = env.path("proxy.sock");
-    for i in 0..rounds {
-        c.rounds += 1;
-        let tag = format!("kill-vmm-{i}");
-        crate::util::step(format!("kill-vmm round {i}"));
-        let cal = env.calib.get();
-        let log = round_log(env, &tag);
-        let mut r = match begin(env, &sock, &log, &tag) {
-            Ok(r) => r,
-            Err(e) => {
-                c.errors += 1;
-                c.fail(i, format!("setup: {e}"));
-                continue;
-            }
-        };
-        let on_put = i % 2 == 0;
-        modes.add(if on_put { "on_put" } else { "timed" });
-        let vmm_pid = r.vmm.pid();
-        let mut proxy = None;
-        let mut actor = None;
-        let delay;
-        let spawned = if on_put {
-            let p = match Proxy::start(&px, &sock) {
-                Ok(p) => p,
-                Err(e) => {
-                    c.errors += 1;
-                    c.fail(i, e);
-                    env.shutdown(&mut r.vmm);
-                    continue;
-                }
-            };
-            // The PUT's round trip as the client sees it includes its
-            // encoding and the answer's; the VMM's apply is its first part.
-            delay = rng.range(0, (cal.put_ns() / 3).max(50_000));
-            let (tx, rx) = mpsc::channel::<u64>();
-            p.set_trigger(Trigger::new("PUT", CLOCK, Phase::RequestForwarded, 1, tx));
-            let closer = p.closer();
-            actor = Some(std::thread::spawn(move || {
-                let t = rx.recv_timeout(WAIT).ok()?;
-                sleep_until(t + delay);
-                kill9(vmm_pid);
-                closer.close_listener();
-                Some(now_ns() - t)
-            }));
-            let sp = env.spawn_restore(&px, &tag);
-            proxy = Some(p);
-            sp
-        } else {
-            // From main (before that the VMM is not asked anything) to
-            // just past the typical PUT.
-            let m = cal.put_ns().max(300_000);
-            delay = rng.range(cal.main_ns, cal.put_end_ns + m);
-            env.spawn_restore(&sock, &tag)
-        };
-        let mut p = match spawned {
-            Ok(p) => p,
-            Err(e) => {
-                c.errors += 1;
-                c.fail(i, e);
-                env.shutdown(&mut r.vmm);
-                continue;
-            }
-        };
-        if !on_put {
-            sleep_until(p.t_spawn + delay);
-            let alive = p.poll().is_none();
-            r.vmm.proc.kill();
-            landed.add(if alive { "timed" } else { "timed_after_exit" });
-        }
-        let st = p.wait_for(WAIT);
-        if st.is_none() {
-            hung += 1;
-            c.fail(i, "clockcarry restore hung after the VMM was killed".into());
-            p.kill();
-        }
-        let code = st.map(|s| crate::util::describe(&s).1).unwrap_or(-1);
-        codes.add(code.to_string());
-        let mut fired = true;
-        if let Some(a) = actor {
-            if let Some(px) = proxy.as_ref() {
-                px.clear_trigger();
-            }
-            fired = a.join().ok().flatten().is_some();
-        }
-        if !fired {
-            not_fired += 1;
+    let status = p.wait_for(WAIT);
+    if status.is_none() {
+        st.hung += 1;
+        c.fail(i, "clockcarry restore hung after the VMM was killed".into());
+        p.kill();
+    }
+    let code = exit_code(status);
+    st.codes.add(code.to_string());
+    if let (Some(px), Some(a)) = (proxy.as_ref(), actor) {
+        px.clear_trigger();
+        if a.join().ok().flatten().is_none() {
+            st.not_fired += 1;
             c.fail(
                 i,
                 format!("no PUT reached the VMM (restore {code}): nothing killed"),
             );
             r.vmm.proc.kill();
         }
-        if r.vmm.proc.wait_for(WAIT).is_none() {
-            c.errors += 1;
-            c.fail(
-                i,
-                format!("the VMM (pid {vmm_pid}) did not die after SIGKILL"),
-            );
-            continue;
-        }
-        let mut note = String::new();
-        if let Some(px) = proxy.take() {
-            let events = px.stop();
-            let f = facts(&events);
-            landed.add(if !f.put_answered {
-                "during_put"
-            } else if !f.verify_answered {
-                "after_put_before_verify"
-            } else {
-                "after_verify"
-            });
-            let expected = if f.verify_answered { 0 } else { 6 };
-            if code == 0 && !f.verify_answered {
-                false_success += 1;
-                c.fail(
-                    i,
-                    "restore exited 0 although its verification was never answered".into(),
-                );
-            } else if fired && code != expected {
-                wrong_exit += 1;
-                c.fail(
-                    i,
-                    format!(
-                        "restore exited {code}, expected {expected} (PUT sent {}, answered {}, verified {}; {}): {}",
-                        f.put_sent,
-                        f.put_answered,
-                        f.verify_answered,
-                        crate::proxy::describe(&events),
-                        p.stderr_tail()
-                    ),
-                );
-            }
-            note = format!("killed {} after the PUT reached it", ms(delay));
-        }
-        // The VM died with its VMM: restore it again in a new one.
-        let log2 = round_log(env, &format!("{tag}-again"));
-        let mut r2 = match begin(env, &sock, &log2, &format!("{tag}-again")) {
-            Ok(r2) => r2,
-            Err(e) => {
-                c.errors += 1;
-                c.fail(i, format!("restoring the snapshot in a new VMM: {e}"));
-                continue;
-            }
-        };
-        if r2.planned != r.planned {
-            env.log(&format!(
-                "kill-vmm {i}: plan changed {:?} -> {:?}",
-                r.planned, r2.planned
-            ));
-        }
-        let tail = finish_round(env, &mut c, i, &mut r2, &sock, &[&log, &log2]);
-        env.log(&format!(
-            "kill-vmm {}/{rounds}: {} {}, restore exited {code}; {tail}",
-            i + 1,
-            if on_put { "on-put" } else { "timed" },
-            if note.is_empty() {
-                format!("kill at {}", ms(delay))
-            } else {
-                note
-            },
-        ));
     }
-    s.set("rounds", json!(c.rounds));
-    s.set("vmm_killed", json!(c.rounds - not_fired));
-    s.set("all_old", Value::Null);
-    s.set("all_new", Value::Null);
-    s.set("inconsistent", Value::Null);
-    s.set("modes", modes.json());
-    s.set("killed", landed.json());
-    s.set("restore_exit_codes", codes.json());
-    s.set("false_success", json!(false_success));
-    s.set("wrong_exit", json!(wrong_exit));
-    s.set("hung", json!(hung));
-    s.pass = false_success == 0 && wrong_exit == 0 && hung == 0 && not_fired == 0;
-    c.finish(
-        &mut s,
-        env,
-        vec!["offset_consistency: the VM dies with its VMM (the rerun's VM is checked for the plan's offsets instead)".into()],
-    );
-    s
+    if r.vmm.proc.wait_for(WAIT).is_none() {
+        return Err(format!("the VMM (pid {vmm_pid}) did not die after SIGKILL"));
+    }
+    if let Some(px) = proxy {
+        judge_vmm_kill(st, c, i, &px.stop(), code, &p);
+    }
+    // The VM died with its VMM: restore it again in a new one.
+    let tag2 = format!("{tag}-again");
+    let log2 = round_log(env, &tag2);
+    let mut r2 = begin(env, &dst(env), &log2, &tag2)
+        .map_err(|e| format!("restoring the snapshot in a new VMM: {e}"))?;
+    let tail = finish_round(env, c, i, &mut r2, &dst(env), &[&log, &log2]);
+    env.log(&format!(
+        "kill-vmm {}: {} +{}, restore exited {code}; {tail}",
+        i + 1,
+        if on_put {
+            "after the PUT reached it"
+        } else {
+            "after the spawn"
+        },
+        ms(delay)
+    ));
+    Ok(())
 }
 
 // ---------------------------------------------------------------------------
+
+#[derive(Default)]
+struct SocketRemoved {
+    codes: Tally,
+    landed: Tally,
+    false_success: u64,
+    false_untouched: u64,
+}
 
 /// (c) The API socket removed while `clockcarry restore` runs: a quarter of
 /// the rounds unlink the VMM's own socket at a random moment (a hard link
@@ -687,164 +752,132 @@ pub fn socket_removed(env: &Env, rounds: u32, rng: &mut Rng) -> Summary {
         track_put: true,
         ..Common::default()
     };
-    let (mut codes, mut landed) = (Tally::default(), Tally::default());
-    let (mut false_success, mut false_untouched) = (0u64, 0u64);
-    let sock = env.path("dst.sock");
-    let keep = env.path("dst.sock.keep");
-    let px = env.path("proxy.sock");
-    const MODES: [&str; 4] = ["timed", "in_get", "in_put", "in_verify"];
-    for i in 0..rounds {
-        c.rounds += 1;
-        let tag = format!("socket-removed-{i}");
-        crate::util::step(format!("socket-removed round {i}"));
-        let cal = env.calib.get();
-        let log = round_log(env, &tag);
-        let mut r = match begin(env, &sock, &log, &tag) {
-            Ok(r) => r,
-            Err(e) => {
-                c.errors += 1;
-                c.fail(i, format!("setup: {e}"));
-                continue;
-            }
-        };
-        let mode = MODES[i as usize % 4];
-        let mut proxy = None;
-        let mut actor = None;
-        let delay;
-        let spawned = if mode == "timed" {
-            let _ = std::fs::remove_file(&keep);
-            if let Err(e) = std::fs::hard_link(&sock, &keep) {
-                c.errors += 1;
-                c.fail(i, format!("link {}: {e}", keep.display()));
-                env.shutdown(&mut r.vmm);
-                continue;
-            }
-            delay = rng.range(0, cal.exit_ns);
-            env.spawn_restore(&sock, &tag)
-        } else {
-            let p = match Proxy::start(&px, &sock) {
-                Ok(p) => p,
-                Err(e) => {
-                    c.errors += 1;
-                    c.fail(i, e);
-                    env.shutdown(&mut r.vmm);
-                    continue;
-                }
-            };
-            let (method, nth) = match mode {
-                "in_get" => ("GET", 1),
-                "in_put" => ("PUT", 1),
-                _ => ("GET", 2),
-            };
-            delay = rng.range(0, 50_000);
-            let (tx, rx) = mpsc::channel::<u64>();
-            p.set_trigger(Trigger::new(method, CLOCK, Phase::RequestReceived, nth, tx));
-            let path = px.clone();
-            actor = Some(std::thread::spawn(move || {
-                let t = rx.recv_timeout(WAIT).ok()?;
-                sleep_until(t + delay);
-                std::fs::remove_file(&path).ok()
-            }));
-            let sp = env.spawn_restore(&px, &tag);
-            proxy = Some(p);
-            sp
-        };
-        let mut p = match spawned {
-            Ok(p) => p,
-            Err(e) => {
-                c.errors += 1;
-                c.fail(i, e);
-                env.shutdown(&mut r.vmm);
-                continue;
-            }
-        };
-        if mode == "timed" {
-            sleep_until(p.t_spawn + delay);
-            let alive = p.poll().is_none();
-            let _ = std::fs::remove_file(&sock);
-            landed.add(if alive { "timed" } else { "timed_after_exit" });
-        }
-        let st = p.wait_for(WAIT);
-        if st.is_none() {
-            c.fail(
-                i,
-                "clockcarry restore hung after its socket was removed".into(),
-            );
-            p.kill();
-        }
-        let code = st.map(|s| crate::util::describe(&s).1).unwrap_or(-1);
-        codes.add(code.to_string());
-        if mode == "timed" {
-            // Put the VMM's socket back for the checks.
-            if let Err(e) = std::fs::rename(&keep, &sock) {
-                c.errors += 1;
-                c.fail(i, format!("putting the socket back: {e}"));
-                r.vmm.proc.kill();
-                continue;
-            }
-        } else {
-            if let Some(px) = proxy.as_ref() {
-                px.clear_trigger();
-            }
-            let removed = actor.and_then(|a| a.join().ok().flatten()).is_some();
-            landed.add(if removed {
-                mode.to_string()
-            } else {
-                format!("{mode}_not_reached")
-            });
-            drop(proxy.take().map(|p| p.stop()));
-        }
-        let report = report_of(&p);
-        let (off, applied, note) = match judge(env, &r, &sock) {
-            Ok(j) => j,
-            Err(e) => {
-                c.errors += 1;
-                c.fail(i, format!("after the fault: {e}"));
-                env.shutdown(&mut r.vmm);
-                continue;
-            }
-        };
-        c.offsets.add(off.name());
-        if applied {
-            c.put_applied += 1;
-        }
-        if off == Offsets::Inconsistent {
-            c.fail(i, format!("offsets inconsistent: {note}"));
-        }
-        let untouched_claim =
-            report["vm_untouched"].as_bool() == Some(true) || matches!(code, 2..=4 | 8);
-        if code == 0 && !applied {
-            false_success += 1;
-            c.fail(i, "restore exited 0 but no PUT was applied".into());
-        }
-        if untouched_claim && applied {
-            false_untouched += 1;
-            c.fail(
-                i,
-                format!(
-                    "restore exited {code} saying the VM was untouched, but its PUT was applied"
-                ),
-            );
-        }
-        let tail = finish_round(env, &mut c, i, &mut r, &sock, &[&log]);
-        env.log(&format!(
-            "socket-removed {}/{rounds}: {mode} (+{}), restore exited {code}; offsets {}, PUT {}; {tail}",
-            i + 1,
-            ms(delay),
-            off.name(),
-            if applied { "applied" } else { "not applied" }
-        ));
-    }
-    let _ = std::fs::remove_file(&keep);
+    let mut st = SocketRemoved::default();
+    run_rounds(
+        env,
+        "socket-removed",
+        rounds,
+        &mut c,
+        &mut st,
+        rng,
+        socket_removed_round,
+    );
+    let _ = std::fs::remove_file(env.path("dst.sock.keep"));
     s.set("rounds", json!(c.rounds));
     c.offsets_json(&mut s, env);
-    s.set("removed", landed.json());
-    s.set("restore_exit_codes", codes.json());
-    s.set("false_success", json!(false_success));
-    s.set("false_untouched", json!(false_untouched));
-    s.pass = false_success == 0 && false_untouched == 0;
+    s.set("removed", st.landed.json());
+    s.set("restore_exit_codes", st.codes.json());
+    s.set("false_success", json!(st.false_success));
+    s.set("false_untouched", json!(st.false_untouched));
+    s.pass = st.false_success == 0 && st.false_untouched == 0;
     c.finish(&mut s, env, vec![]);
     s
+}
+
+const REMOVE_MODES: [&str; 4] = ["timed", "in_get", "in_put", "in_verify"];
+
+/// A restore whose API socket will go: `timed`, the VMM's own (kept by a
+/// hard link) at `delay` after the spawn (done by the caller); else the
+/// proxy's, by an actor, `delay` after the request `mode` names arrived.
+type Removal = (Proc, Option<Proxy>, Option<JoinHandle<Option<()>>>);
+
+fn arm_removal(env: &Env, mode: &str, tag: &str, delay: u64) -> Result<Removal, String> {
+    if mode == "timed" {
+        let keep = env.path("dst.sock.keep");
+        let _ = std::fs::remove_file(&keep);
+        std::fs::hard_link(dst(env), &keep).map_err(|e| format!("link {}: {e}", keep.display()))?;
+        return Ok((env.spawn_restore(&dst(env), tag)?, None, None));
+    }
+    let px = Proxy::start(&pxy(env), &dst(env))?;
+    let (method, nth) = match mode {
+        "in_get" => ("GET", 1),
+        "in_put" => ("PUT", 1),
+        _ => ("GET", 2),
+    };
+    let (tx, rx) = mpsc::channel::<u64>();
+    px.set_trigger(Trigger::new(method, CLOCK, Phase::RequestReceived, nth, tx));
+    let path = pxy(env);
+    let actor = std::thread::spawn(move || {
+        let t = rx.recv_timeout(WAIT).ok()?;
+        sleep_until(t + delay);
+        std::fs::remove_file(&path).ok()
+    });
+    let p = env.spawn_restore(&pxy(env), tag)?;
+    Ok((p, Some(px), Some(actor)))
+}
+
+fn socket_removed_round(
+    env: &Env,
+    c: &mut Common,
+    st: &mut SocketRemoved,
+    i: u32,
+    rng: &mut Rng,
+) -> Result<(), String> {
+    let cal = env.calib.get();
+    let tag = format!("socket-removed-{i}");
+    let log = round_log(env, &tag);
+    let mut r = begin(env, &dst(env), &log, &tag)?;
+    let mode = REMOVE_MODES[i as usize % REMOVE_MODES.len()];
+    let delay = if mode == "timed" {
+        rng.range(0, cal.exit_ns)
+    } else {
+        rng.range(0, 50_000)
+    };
+    let (mut p, proxy, actor) = arm_removal(env, mode, &tag, delay)?;
+    if mode == "timed" {
+        sleep_until(p.t_spawn + delay);
+        let alive = p.poll().is_none();
+        let _ = std::fs::remove_file(dst(env));
+        st.landed
+            .add(if alive { "timed" } else { "timed_after_exit" });
+    }
+    let status = p.wait_for(WAIT);
+    if status.is_none() {
+        c.fail(
+            i,
+            "clockcarry restore hung after its socket was removed".into(),
+        );
+        p.kill();
+    }
+    let code = exit_code(status);
+    st.codes.add(code.to_string());
+    if let Some(px) = proxy {
+        px.clear_trigger();
+        let removed = actor.and_then(|a| a.join().ok().flatten()).is_some();
+        st.landed.add(if removed {
+            mode.to_string()
+        } else {
+            format!("{mode}_not_reached")
+        });
+        px.stop();
+    } else {
+        // Put the VMM's socket back for the checks.
+        std::fs::rename(env.path("dst.sock.keep"), dst(env))
+            .map_err(|e| format!("putting the socket back: {e}"))?;
+    }
+    let (off, applied) = record_offsets(env, c, i, &r, false)?;
+    let untouched_claim =
+        report_of(&p)["vm_untouched"].as_bool() == Some(true) || matches!(code, 2..=4 | 8);
+    if code == 0 && !applied {
+        st.false_success += 1;
+        c.fail(i, "restore exited 0 but no PUT was applied".into());
+    }
+    if untouched_claim && applied {
+        st.false_untouched += 1;
+        c.fail(
+            i,
+            format!("restore exited {code} saying the VM was untouched, but its PUT was applied"),
+        );
+    }
+    let tail = finish_round(env, c, i, &mut r, &dst(env), &[&log]);
+    env.log(&format!(
+        "socket-removed {}: {mode} +{}, restore exited {code}; offsets {}, PUT {}; {tail}",
+        i + 1,
+        ms(delay),
+        off.name(),
+        applied_word(applied)
+    ));
+    Ok(())
 }
 
 // ---------------------------------------------------------------------------
@@ -872,160 +905,121 @@ fn racer(events: &[Event], pid: i32) -> Racer {
     r
 }
 
+#[derive(Default)]
+struct Race {
+    kinds: Tally,
+    loser_codes: Tally,
+    loser_requests: u64,
+}
+
+const RACE_KINDS: [&str; 6] = [
+    "one_busy",
+    "serialized",
+    "interleaved",
+    "loser_put",
+    "loser_claims_touched",
+    "other",
+];
+
 /// (d) Two `clockcarry restore` on one VM, the second started a random
-/// 0 ..= (typical PUT start - typical start of main) after the first, both through one
-/// recording proxy (one socket path: one lock), which tells whose requests
-/// reached the VMM. With the per-VM lock the loser exits 8 (busy) having
-/// sent nothing; two restores whose requests interleave are the failure
-/// the lock exists to prevent.
+/// 0 ..= (typical PUT start - typical start of main) after the first, both
+/// through one recording proxy (one socket path: one lock), which tells
+/// whose requests reached the VMM. With the per-VM lock the loser exits 8
+/// (busy) having sent nothing; two restores whose requests interleave are
+/// the failure the lock exists to prevent.
 pub fn race(env: &Env, rounds: u32, rng: &mut Rng) -> Summary {
     let mut s = Summary::new("race");
     let mut c = Common {
         track_put: true,
         ..Common::default()
     };
-    let (mut kinds, mut loser_codes) = (Tally::default(), Tally::default());
-    let mut loser_requests = 0u64;
-    let sock = env.path("dst.sock");
-    let px = env.path("proxy.sock");
-    for i in 0..rounds {
-        c.rounds += 1;
-        let tag = format!("race-{i}");
-        crate::util::step(format!("race round {i}"));
-        let cal = env.calib.get();
-        let log = round_log(env, &tag);
-        let mut r = match begin(env, &sock, &log, &tag) {
-            Ok(r) => r,
-            Err(e) => {
-                c.errors += 1;
-                c.fail(i, format!("setup: {e}"));
-                continue;
-            }
-        };
-        let proxy = match Proxy::start(&px, &sock) {
-            Ok(p) => p,
-            Err(e) => {
-                c.errors += 1;
-                c.fail(i, e);
-                env.shutdown(&mut r.vmm);
-                continue;
-            }
-        };
-        // B starts 0 ..= (A's typical PUT - its main) after A: B's own lock
-        // attempt then comes while A holds the lock, mostly (the lock is
-        // taken early and held to the exit); some rounds do not contend.
-        let stagger = rng.range(0, cal.put_start_ns.saturating_sub(cal.main_ns));
-        let a = env.spawn_restore(&px, &format!("{tag}-a"));
-        let b = a.as_ref().ok().map(|a| {
-            sleep_until(a.t_spawn + stagger);
-            env.spawn_restore(&px, &format!("{tag}-b"))
-        });
-        let (mut a, mut b) = match (a, b) {
-            (Ok(a), Some(Ok(b))) => (a, b),
-            (Err(e), _) | (_, Some(Err(e))) => {
-                c.errors += 1;
-                c.fail(i, e);
-                env.shutdown(&mut r.vmm);
-                continue;
-            }
-            _ => unreachable!(),
-        };
-        let ca = a
-            .wait_for(WAIT)
-            .map(|s| crate::util::describe(&s).1)
-            .unwrap_or(-1);
-        let cb = b
-            .wait_for(WAIT)
-            .map(|s| crate::util::describe(&s).1)
-            .unwrap_or(-1);
-        let events = proxy.stop();
-        let (ra, rb) = (racer(&events, a.pid), racer(&events, b.pid));
-        let kind = match (ca, cb) {
-            (0, 8) | (8, 0) => {
-                let (loser, lp) = if ca == 8 { (&ra, &a) } else { (&rb, &b) };
-                loser_requests += loser.requests;
-                let rep = report_of(lp);
-                if loser.puts > 0 {
-                    "loser_put"
-                } else if rep["vm_untouched"].as_bool() == Some(false) {
-                    "loser_claims_touched"
-                } else {
-                    "one_busy"
-                }
-            }
-            (0, 0) => {
-                let overlap = match (ra.first, ra.last, rb.first, rb.last) {
-                    (Some(af), Some(al), Some(bf), Some(bl)) => af <= bl && bf <= al,
-                    _ => true,
-                };
-                if overlap {
-                    "interleaved"
-                } else {
-                    "serialized"
-                }
-            }
-            _ => "other",
-        };
-        kinds.add(kind);
-        if ca != 0 {
-            loser_codes.add(ca.to_string());
-        }
-        if cb != 0 {
-            loser_codes.add(cb.to_string());
-        }
-        if !matches!(kind, "one_busy" | "serialized") {
-            c.fail(
-                i,
-                format!(
-                    "race: {kind}: exits {ca} and {cb}; requests {}+{}, PUTs {}+{}",
-                    ra.requests, rb.requests, ra.puts, rb.puts
-                ),
-            );
-        }
-        let (off, applied, note) = match judge(env, &r, &sock) {
-            Ok(j) => j,
-            Err(e) => {
-                c.errors += 1;
-                c.fail(i, format!("after the race: {e}"));
-                env.shutdown(&mut r.vmm);
-                continue;
-            }
-        };
-        let mut off = off;
-        if off == Offsets::AllOld && (ca == 0 || cb == 0) {
-            off = Offsets::Inconsistent;
-        }
-        c.offsets.add(off.name());
-        if applied {
-            c.put_applied += 1;
-        }
-        if off == Offsets::Inconsistent {
-            c.fail(i, format!("offsets inconsistent after the race: {note}"));
-        }
-        let tail = finish_round(env, &mut c, i, &mut r, &sock, &[&log]);
-        env.log(&format!(
-            "race {}/{rounds}: stagger {}, exits {ca}/{cb}, {kind}; offsets {}; {tail}",
-            i + 1,
-            ms(stagger),
-            off.name()
-        ));
-    }
+    let mut st = Race::default();
+    run_rounds(env, "race", rounds, &mut c, &mut st, rng, race_round);
     s.set("rounds", json!(c.rounds));
-    for k in [
-        "one_busy",
-        "serialized",
-        "interleaved",
-        "loser_put",
-        "loser_claims_touched",
-        "other",
-    ] {
-        s.set(k, json!(kinds.get(k)));
+    for k in RACE_KINDS {
+        s.set(k, json!(st.kinds.get(k)));
     }
-    s.set("nonzero_exit_codes", loser_codes.json());
-    s.set("loser_requests", json!(loser_requests));
+    s.set("nonzero_exit_codes", st.loser_codes.json());
+    s.set("loser_requests", json!(st.loser_requests));
     c.offsets_json(&mut s, env);
-    let bad = c.rounds - kinds.get("one_busy") - kinds.get("serialized");
-    s.pass = bad == 0 && kinds.get("one_busy") > 0;
+    let good = st.kinds.get("one_busy") + st.kinds.get("serialized");
+    s.pass = good == c.rounds && st.kinds.get("one_busy") > 0;
     c.finish(&mut s, env, vec![]);
     s
+}
+
+/// One round's outcome from the two exits and the proxy's record.
+fn race_kind(
+    st: &mut Race,
+    codes: (i32, i32),
+    racers: (&Racer, &Racer),
+    loser_report: Value,
+) -> &'static str {
+    let (ra, rb) = racers;
+    match codes {
+        (0, 8) | (8, 0) => {
+            let loser = if codes.0 == 8 { ra } else { rb };
+            st.loser_requests += loser.requests;
+            if loser.puts > 0 {
+                "loser_put"
+            } else if loser_report["vm_untouched"].as_bool() == Some(false) {
+                "loser_claims_touched"
+            } else {
+                "one_busy"
+            }
+        }
+        (0, 0) => match (ra.first, ra.last, rb.first, rb.last) {
+            (Some(af), Some(al), Some(bf), Some(bl)) if al < bf || bl < af => "serialized",
+            _ => "interleaved",
+        },
+        _ => "other",
+    }
+}
+
+fn race_round(
+    env: &Env,
+    c: &mut Common,
+    st: &mut Race,
+    i: u32,
+    rng: &mut Rng,
+) -> Result<(), String> {
+    let cal = env.calib.get();
+    let tag = format!("race-{i}");
+    let log = round_log(env, &tag);
+    let mut r = begin(env, &dst(env), &log, &tag)?;
+    let proxy = Proxy::start(&pxy(env), &dst(env))?;
+    // B starts 0 ..= (A's typical PUT - its main) after A: B's own lock
+    // attempt then comes while A holds the lock, mostly (the lock is taken
+    // early and held to the exit); some rounds do not contend.
+    let stagger = rng.range(0, cal.put_start_ns.saturating_sub(cal.main_ns));
+    let mut a = env.spawn_restore(&pxy(env), &format!("{tag}-a"))?;
+    sleep_until(a.t_spawn + stagger);
+    let mut b = env.spawn_restore(&pxy(env), &format!("{tag}-b"))?;
+    let (ca, cb) = (exit_code(a.wait_for(WAIT)), exit_code(b.wait_for(WAIT)));
+    let events = proxy.stop();
+    let (ra, rb) = (racer(&events, a.pid), racer(&events, b.pid));
+    let loser_report = report_of(if ca == 8 { &a } else { &b });
+    let kind = race_kind(st, (ca, cb), (&ra, &rb), loser_report);
+    st.kinds.add(kind);
+    for code in [ca, cb].into_iter().filter(|&c| c != 0) {
+        st.loser_codes.add(code.to_string());
+    }
+    if !matches!(kind, "one_busy" | "serialized") {
+        c.fail(
+            i,
+            format!(
+                "race: {kind}: exits {ca} and {cb}; requests {}+{}, PUTs {}+{}",
+                ra.requests, rb.requests, ra.puts, rb.puts
+            ),
+        );
+    }
+    let (off, _) = record_offsets(env, c, i, &r, ca == 0 || cb == 0)?;
+    let tail = finish_round(env, c, i, &mut r, &dst(env), &[&log]);
+    env.log(&format!(
+        "race {}: stagger {}, exits {ca}/{cb}, {kind}; offsets {}; {tail}",
+        i + 1,
+        ms(stagger),
+        off.name()
+    ));
+    Ok(())
 }
