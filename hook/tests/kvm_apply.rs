@@ -350,7 +350,7 @@ fn persistent_fault_is_reported_by_the_rollback() {
     let rb = err.rollback().expect("rollback");
     assert_eq!(rb.offsets_restored_vcpus, 2);
     assert_eq!(rb.failures.len(), 1);
-    assert!(err.to_string().contains("ROLLBACK INCOMPLETE"), "{err}");
+    assert!(err.to_string().contains("rollback left undone"), "{err}");
 }
 
 #[test]

@@ -834,7 +834,7 @@ fn restore_when_the_vmm_fails_and_rolls_back() {
     let before = s.vmm.offsets();
     s.vmm.with(|st| st.put = PutBehavior::FailRolledBack);
     let r = restore(&s, &["--json"]);
-    r.expect(5).stderr_has("rolled back");
+    r.expect(5).stderr_has("rollback is complete");
     assert_eq!(r.json()["outcome"], "rolled_back");
     assert_eq!(r.json()["vmm_failure"]["outcome"], "rolled_back");
     assert_eq!(r.json()["vmm_failure"]["rollback"]["complete"], true);

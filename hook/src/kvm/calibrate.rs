@@ -7,8 +7,9 @@
 
 use std::time::Instant;
 
-use super::apply::{ApplyOptions, ApplyStep, KvmclockOutcome, StepError, Undo};
+use super::apply::{ApplyOptions, StepError, Undo};
 use super::ops::ClockOps;
+use super::outcome::{ApplyStep, KvmclockOutcome};
 use super::KvmError;
 use crate::model::{KvmClockSample, Pvti, TscScaling, KVM_CLOCK_REALTIME};
 use crate::pvclock::{guest_tsc, line_at_ns};

@@ -28,17 +28,18 @@ pub mod caps;
 pub mod capture;
 pub mod guest;
 pub mod ops;
+pub mod outcome;
 pub mod selftest;
 pub mod sys;
 
 pub use crate::request::{ApplyRequest, ClockRequest, FollowVia, CLOCK_GUEST_MAX_ERROR_NS};
-pub use apply::{
-    apply, apply_request, apply_with, ApplyError, ApplyOptions, ApplyReport, ApplyStep,
-    KvmclockOutcome, Refusal, RollbackReport, StepRecord, DEFAULT_SET_CLOCK_TRIES,
-};
+pub use apply::{apply, apply_request, apply_with, ApplyOptions, DEFAULT_SET_CLOCK_TRIES};
 pub use caps::{probe, KvmProbe, OffsetWriteTest};
 pub use capture::{capture, capture_with, kvmclock_msr, read_pvti_consistent, PvtiReader};
 pub use ops::{ClockOps, KvmOps};
+pub use outcome::{
+    ApplyError, ApplyReport, ApplyStep, KvmclockOutcome, Refusal, RollbackReport, StepRecord,
+};
 pub use sys::PvclockVcpuTimeInfo;
 
 /// Why a KVM operation failed. Every variant names the ioctl (and the vCPU,

@@ -14,11 +14,12 @@
 use kvm_ioctls::Kvm;
 use serde::{Deserialize, Serialize};
 
-use super::apply::{apply_with, ApplyError, ApplyOptions, ApplyReport};
+use super::apply::{apply_with, ApplyOptions};
 use super::caps::KvmProbe;
 use super::capture::capture;
 use super::guest::{GuestError, GuestReading, TestVm};
 use super::ops::KvmOps;
+use super::outcome::{ApplyError, ApplyReport};
 use super::KvmError;
 use crate::host::{self, HostError};
 use crate::model::{Policy, Pvti, RunState};

@@ -77,7 +77,7 @@ EXIT STATUS
        or too imprecise, TSC rate mismatch; the VM was not touched
     4  VMM/API error: socket missing, permission denied, no answer, the VMM
        refused the request; the VM was not changed
-    5  apply failed and was rolled back: the previous offsets are in place
+    5  apply failed; the previous offsets are back in place
     6  apply outcome unknown: do not resume the VM
     7  check: the host is not ready
     8  busy: another capture or restore of this VM is running; nothing was

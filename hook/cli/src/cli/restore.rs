@@ -470,11 +470,11 @@ impl Restore<'_> {
             ),
             (_, Some(PutOutcome::RolledBack)) if unchanged => (
                 Exit::RolledBack,
-                "the VMM failed to apply the clock and rolled back",
+                "the VMM failed to apply the clock; its rollback is complete",
             ),
             (_, Some(PutOutcome::RolledBack)) => (
                 Exit::Unknown,
-                "the VMM says it rolled back, but the read-back disagrees",
+                "the VMM says its rollback is complete, but the read-back disagrees",
             ),
             (_, Some(PutOutcome::Refused | PutOutcome::WrongState)) if unchanged => {
                 (Exit::Vmm, "the VMM refused the clock")
