@@ -325,9 +325,18 @@ pub fn plan(sidecar: &SidecarBody, dst: &Destination, policy: &Policy) -> Result
         let planned_ns = line_at_ns(&source_pvti, target_with(floor));
         if planned_ns < held_ns {
             // The lines agree to VM_LINE_TOLERANCE_NS (check_vm_state), so
-            // this is a few µs of cycles at most; one more cycle for rounding.
+            // this is a few µs of cycles at most. The shortfall is turned into
+            // cycles at the guest rate, and checked on the line itself: a
+            // line whose slope is not the guest rate's (a sidecar's own PVTI)
+            // may need more, so the extra doubles until the floor holds.
             let short_ns = u64::try_from(held_ns - planned_ns).unwrap_or(u64::MAX);
-            let extra = ns_to_cycles_ceil(short_ns, guest_khz).saturating_add(1);
+            let mut extra = ns_to_cycles_ceil(short_ns, guest_khz).saturating_add(1);
+            for _ in 0..64 {
+                if line_at_ns(&source_pvti, target_with(floor.saturating_add(extra))) >= held_ns {
+                    break;
+                }
+                extra = extra.saturating_mul(2);
+            }
             floor = floor.saturating_add(extra);
         }
     }

@@ -206,3 +206,25 @@ fn future_dated_capture_is_refused_in_every_mode() {
         }
     }
 }
+
+/// The kvm-clock floor holds on the line itself, even when the line's slope
+/// is not the guest rate's (a sidecar PVTI with half KVM's multiplier): the
+/// shortfall converted at the guest rate would fall short by half.
+#[test]
+fn kvmclock_floor_holds_on_a_line_of_another_slope() {
+    let h = host();
+    let vm = SimVm::create(&h, S, KHZ, &[10 * S, 10 * S]).unwrap();
+    let (mut body, mut dst, _) = same_host(&h, &vm, 20 * S, 21 * S, 30 * S);
+    let mut line = body.vm_clock.pvti.unwrap();
+    line.tsc_to_system_mul /= 2;
+    body.vm_clock.pvti = Some(line);
+    dst.vm.vcpus = body.vm_clock.vcpus.clone();
+    let mut held_line = line;
+    held_line.system_time += 1_000;
+    dst.vm.pvti = Some(held_line);
+    let p = plan(&body, &dst, &Policy::default()).unwrap();
+    let held_tsc = guest_tsc(dst.sample.host_tsc, None, dst.vm.offsets()[0]);
+    let held = line_at_ns(&held_line, held_tsc);
+    let planned = line_at_ns(p.kvmclock.pvti(), p.guest_tsc_target);
+    assert!(planned >= held, "{planned} < {held}");
+}
