@@ -31,6 +31,11 @@ fn skip() -> Option<String> {
 }
 
 fn restored(tag: &str, capture_extra: &[&str]) -> Restored {
+    restored_with(tag, capture_extra, &[])
+}
+
+/// [`restored`], the destination VMM started with `dst_args`.
+fn restored_with(tag: &str, capture_extra: &[&str], dst_args: &[&str]) -> Restored {
     let bin: PathBuf = refvmm_binary().expect("refvmm binary");
     let dir = TempDir::new(tag);
     let src = RefVmm::spawn(
@@ -59,7 +64,7 @@ fn restored(tag: &str, capture_extra: &[&str]) -> Restored {
     let body = format!(r#"{{"destination_url":"file://{}"}}"#, snap.display());
     src.put_ok("/api/v1/vm.snapshot", Some(&body));
     drop(src);
-    let vmm = RefVmm::spawn(&bin, dir.path(), "dst", &[]).expect("start destination VMM");
+    let vmm = RefVmm::spawn(&bin, dir.path(), "dst", dst_args).expect("start destination VMM");
     let body = format!(
         r#"{{"source_url":"file://{}","resume":false}}"#,
         snap.display()
@@ -378,4 +383,24 @@ fn refvmm_refuses_another_vms_sidecar() {
     assert_eq!(r.fingerprint(), before, "the VM was touched");
     // Its own sidecar still restores.
     r.restore(&[]).expect(0);
+}
+
+/// The reference VMM's typed failures read by the command: a failed offset
+/// write the VMM rolled back is exit 5, one whose rollback failed is exit 6
+/// (`--fault-put`, the reference VMM's test knob).
+#[test]
+fn refvmm_typed_failures_pick_the_exit_code() {
+    if let Some(why) = skip() {
+        println!("SKIP: {why}");
+        return;
+    }
+    for (tag, spec, code, outcome) in [
+        ("rv-rb", "offset:1", 5, "rolled_back"),
+        ("rv-inc", "offset:1:rollback", 6, "rollback_incomplete"),
+    ] {
+        let r = restored_with(tag, &[], &["--fault-put", spec]);
+        let out = r.restore(&["--json"]);
+        out.expect(code);
+        assert_eq!(out.json()["vmm_failure"]["outcome"], outcome, "{spec}");
+    }
 }

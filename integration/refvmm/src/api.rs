@@ -527,7 +527,7 @@ impl Vmm {
         let (Owner::Owned(vm), Some(probed)) = (&mut self.owner, probed) else {
             return Err(ApiFailure::api(500, action, "VM is not running"));
         };
-        let reply = clockapi::put(vm, &probed, body).map_err(clock_failure)?;
+        let reply = clockapi::put(vm, &probed, body, self.opts.fault_put).map_err(clock_failure)?;
         let json = serde_json::to_string(&reply).map_err(|e| ApiFailure::api(500, action, e))?;
         Ok(Response::json(200, json))
     }

@@ -39,6 +39,11 @@ OPTIONS:
     --probe-text             do not answer the probe's magic: it reports as
                              text on COM1, as under other VMMs
     --report-interval-us N   host pause between reports of a vCPU (default 500)
+    --fault-put offset:N[:rollback]
+                             test knob: PUT vm.clock fails writing vCPU N's TSC
+                             offset (and with :rollback, every rollback write
+                             fails too): the typed rolled_back and
+                             rollback_incomplete replies
     --migration-delay-ms N   test knob: an outgoing migration waits N ms between
                              pausing the source and sending (a slow link)
     --boot-tsc-s N           with --kernel: start every vCPU's TSC at N seconds
@@ -135,6 +140,10 @@ pub fn parse(args: Vec<String>) -> Result<Command, String> {
                 options.migration_delay = Duration::from_millis(ms);
             }
             "--boot-tsc-s" => options.boot_tsc_s = number(&value(&mut it, &a)?, &a)?,
+            "--fault-put" => {
+                let spec = value(&mut it, &a)?;
+                options.fault_put = Some(crate::clockapi::FaultPut::parse(&spec)?);
+            }
             "-h" | "--help" => return Ok(Command::Help),
             other => return Err(format!("unknown argument {other:?} (see --help)")),
         }

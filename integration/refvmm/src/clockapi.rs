@@ -167,14 +167,25 @@ pub fn check_body(body: &ClockPut, vcpus: u32) -> Result<(), ClockApiError> {
 /// PUT vm.clock: applies the body through the library. On success the VM
 /// will resume without the baseline's clock. On failure the library has put
 /// the previous offsets back.
-pub fn put(vm: &mut Vm, probed: &ProbedKvm, body: &ClockPut) -> Result<PutReply, ClockApiError> {
+pub fn put(
+    vm: &mut Vm,
+    probed: &ProbedKvm,
+    body: &ClockPut,
+    fault: Option<FaultPut>,
+) -> Result<PutReply, ClockApiError> {
     check_put(vm, body)?;
     // follow_pvti -> CLOCK_GUEST or the calibrated SET_CLOCK, set_clock ->
     // one raw KVM_SET_CLOCK, null -> no clock call: the library's contract.
     let request = ApplyRequest::from(body);
     let options = probed.apply_options();
-    let result =
-        vm.with_vcpus(|fd, vcpus| apply_request(&mut KvmOps::new(fd, vcpus), &request, &options));
+    let result = vm.with_vcpus(|fd, vcpus| {
+        let mut ops = FaultyOps {
+            inner: KvmOps::new(fd, vcpus),
+            fault,
+            failed: false,
+        };
+        apply_request(&mut ops, &request, &options)
+    });
     let report = result.map_err(|e| match &e {
         ApplyError::VcpuCountMismatch { .. } | ApplyError::InvalidPlan { .. } => {
             ClockApiError::BadRequest(e.to_string())
@@ -227,4 +238,117 @@ pub fn put(vm: &mut Vm, probed: &ProbedKvm, body: &ClockPut) -> Result<PutReply,
         },
         report,
     })
+}
+
+/// The `--fault-put` test knob: fail the TSC offset write of vCPU `vcpu`
+/// (the library then rolls back), and with `rollback_fails` every offset
+/// write after that failure too (the rollback is left undone).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FaultPut {
+    pub vcpu: usize,
+    pub rollback_fails: bool,
+}
+
+impl FaultPut {
+    /// `offset:N` or `offset:N:rollback`.
+    pub fn parse(spec: &str) -> Result<FaultPut, String> {
+        let bad = || format!("--fault-put {spec:?}: expected offset:N or offset:N:rollback");
+        let mut parts = spec.split(':');
+        if parts.next() != Some("offset") {
+            return Err(bad());
+        }
+        let vcpu = parts
+            .next()
+            .and_then(|n| n.parse::<usize>().ok())
+            .ok_or_else(bad)?;
+        let rollback_fails = match parts.next() {
+            None => false,
+            Some("rollback") => true,
+            Some(_) => return Err(bad()),
+        };
+        if parts.next().is_some() {
+            return Err(bad());
+        }
+        Ok(FaultPut {
+            vcpu,
+            rollback_fails,
+        })
+    }
+}
+
+/// [`KvmOps`] with the `--fault-put` knob applied (no fault: a pass-through).
+struct FaultyOps<'a, V: std::borrow::Borrow<kvm_ioctls::VcpuFd>> {
+    inner: KvmOps<'a, V>,
+    fault: Option<FaultPut>,
+    failed: bool,
+}
+
+impl<V: std::borrow::Borrow<kvm_ioctls::VcpuFd>> FaultyOps<'_, V> {
+    fn injected(vcpu: usize) -> clockcarry::kvm::KvmError {
+        clockcarry::kvm::KvmError::Ioctl {
+            ioctl: "KVM_SET_DEVICE_ATTR(TSC_OFFSET) [--fault-put]",
+            vcpu: u32::try_from(vcpu).ok(),
+            errno: libc::EIO,
+        }
+    }
+}
+
+impl<V: std::borrow::Borrow<kvm_ioctls::VcpuFd>> clockcarry::kvm::ClockOps for FaultyOps<'_, V> {
+    fn vcpu_count(&self) -> usize {
+        self.inner.vcpu_count()
+    }
+    fn get_tsc_khz(&mut self, vcpu: usize) -> Result<u32, clockcarry::kvm::KvmError> {
+        self.inner.get_tsc_khz(vcpu)
+    }
+    fn set_tsc_khz(&mut self, vcpu: usize, khz: u32) -> Result<(), clockcarry::kvm::KvmError> {
+        self.inner.set_tsc_khz(vcpu, khz)
+    }
+    fn get_tsc_offset(&mut self, vcpu: usize) -> Result<i64, clockcarry::kvm::KvmError> {
+        self.inner.get_tsc_offset(vcpu)
+    }
+    fn set_tsc_offset(
+        &mut self,
+        vcpu: usize,
+        offset: i64,
+    ) -> Result<(), clockcarry::kvm::KvmError> {
+        if let Some(f) = self.fault {
+            if (!self.failed && vcpu == f.vcpu) || (self.failed && f.rollback_fails) {
+                self.failed = true;
+                return Err(Self::injected(vcpu));
+            }
+        }
+        self.inner.set_tsc_offset(vcpu, offset)
+    }
+    fn get_clock(
+        &mut self,
+    ) -> Result<clockcarry::model::KvmClockSample, clockcarry::kvm::KvmError> {
+        self.inner.get_clock()
+    }
+    fn set_clock(
+        &mut self,
+        clock_ns: u64,
+        realtime_ns: u64,
+        flags: u32,
+    ) -> Result<(), clockcarry::kvm::KvmError> {
+        self.inner.set_clock(clock_ns, realtime_ns, flags)
+    }
+    fn set_clock_guest(
+        &mut self,
+        vcpu: usize,
+        pvti: &clockcarry::model::Pvti,
+    ) -> Result<(), clockcarry::kvm::KvmError> {
+        self.inner.set_clock_guest(vcpu, pvti)
+    }
+    fn kvmclock_ctrl(&mut self, vcpu: usize) -> Result<(), clockcarry::kvm::KvmError> {
+        self.inner.kvmclock_ctrl(vcpu)
+    }
+    fn get_clock_guest(
+        &mut self,
+        vcpu: usize,
+    ) -> Result<clockcarry::model::Pvti, clockcarry::kvm::KvmError> {
+        self.inner.get_clock_guest(vcpu)
+    }
+    fn kvmclock_msr(&mut self, vcpu: usize) -> Result<Option<u64>, clockcarry::kvm::KvmError> {
+        self.inner.kvmclock_msr(vcpu)
+    }
 }

@@ -45,6 +45,9 @@ pub struct VmOptions {
     /// it first runs (one offset for all): a VM that has been up a while.
     /// 0 leaves KVM's fresh TSC (near 0).
     pub boot_tsc_s: u64,
+    /// Test knob: make `PUT vm.clock` fail part way (and, if asked, its
+    /// rollback too), to test the typed failure replies.
+    pub fault_put: Option<crate::clockapi::FaultPut>,
 }
 
 impl Default for VmOptions {
@@ -59,6 +62,7 @@ impl Default for VmOptions {
             report_interval: Duration::from_micros(500),
             migration_delay: Duration::ZERO,
             boot_tsc_s: 0,
+            fault_put: None,
         }
     }
 }

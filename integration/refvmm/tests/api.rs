@@ -429,3 +429,55 @@ fn send_migration_refusals_leave_the_vm_running() {
     assert_eq!(state(&vmm), "Running");
     vmm.shutdown();
 }
+
+/// The typed failure replies of `PUT vm.clock` on the reference VMM, with
+/// the `--fault-put` knob: a failed offset write the library rolls back
+/// (500 `rolled_back`, rollback complete, offsets as before) and one whose
+/// rollback fails too (500 `rollback_incomplete`, rollback not complete).
+#[test]
+fn clock_put_failures_are_typed() {
+    require_kvm!();
+    let dir = tempdir("put-faults");
+    let src = boot(&dir, "src", &[]);
+    let url = snapshot(&src, &dir);
+    src.shutdown();
+    let body = r#"{"tsc_khz":null,"tsc_offsets":[123,123],"kvmclock":null}"#;
+    for (name, spec, outcome, complete) in [
+        ("rb", "offset:1", PutOutcome::RolledBack, true),
+        (
+            "inc",
+            "offset:1:rollback",
+            PutOutcome::RollbackIncomplete,
+            false,
+        ),
+    ] {
+        let dst = start(&dir, name, &["--fault-put", spec]);
+        let (s, b) = call(
+            &dst,
+            "PUT",
+            "vm.restore",
+            Some(&format!(r#"{{"source_url":"{url}"}}"#)),
+        );
+        assert_eq!(s, 204, "{b}");
+        let before = clock(&dst).offsets();
+        let (s, b) = call(&dst, "PUT", "vm.clock", Some(body));
+        assert_eq!(s, 500, "{spec}: {b}");
+        let f = parse_put_failure(b.as_bytes()).unwrap_or_else(|| panic!("untyped: {b}"));
+        assert_eq!(f.outcome, outcome, "{spec}: {b}");
+        assert!(
+            f.failed_step
+                .as_deref()
+                .is_some_and(|s| s.contains("vCPU 1")),
+            "{spec}: {b}"
+        );
+        let rollback = f
+            .rollback
+            .unwrap_or_else(|| panic!("{spec}: no rollback: {b}"));
+        assert_eq!(rollback.complete, complete, "{spec}: {b}");
+        if complete {
+            assert_eq!(clock(&dst).offsets(), before, "{spec}: offsets changed");
+        }
+        assert_eq!(info(&dst)["clockcarry"]["clock_put"], false, "{spec}");
+        dst.shutdown();
+    }
+}
