@@ -331,13 +331,20 @@ pub fn plan(sidecar: &SidecarBody, dst: &Destination, policy: &Policy) -> Result
             // may need more, so the extra doubles until the floor holds.
             let short_ns = u64::try_from(held_ns - planned_ns).unwrap_or(u64::MAX);
             let mut extra = ns_to_cycles_ceil(short_ns, guest_khz).saturating_add(1);
+            let mut reached = false;
             for _ in 0..64 {
                 if line_at_ns(&source_pvti, target_with(floor.saturating_add(extra))) >= held_ns {
+                    reached = true;
                     break;
                 }
                 extra = extra.saturating_mul(2);
             }
             floor = floor.saturating_add(extra);
+            if !reached || floor == u64::MAX {
+                return Err(PlanError::Overflow {
+                    what: "floor_cycles (kvm-clock floor)",
+                });
+            }
         }
     }
     if floor > 0 {

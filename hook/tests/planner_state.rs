@@ -228,3 +228,25 @@ fn kvmclock_floor_holds_on_a_line_of_another_slope() {
     let planned = line_at_ns(p.kvmclock.pvti(), p.guest_tsc_target);
     assert!(planned >= held, "{planned} < {held}");
 }
+
+/// A destination TSC more than 2^63 cycles past the capture reads as behind
+/// on the 2^64 circle; the kvm-clock floor then saturates. That is a typed
+/// error, never a wrapped plan (found by the `plan` fuzz target).
+#[test]
+fn a_saturated_floor_is_an_error() {
+    let h = host();
+    let vm = SimVm::create(&h, S, KHZ, &[10 * S, 10 * S]).unwrap();
+    let (body, mut dst, _) = same_host(&h, &vm, 20 * S, 21 * S, 30 * S);
+    for v in &mut dst.vm.vcpus {
+        v.tsc_offset =
+            (v.tsc_offset as u64).wrapping_add((1u64 << 63) + 1_000_000_000_000_000_000) as i64;
+    }
+    let freeze = Policy {
+        clock: ClockPolicy::Freeze,
+        ..Policy::default()
+    };
+    match plan(&body, &dst, &freeze) {
+        Err(PlanError::Overflow { .. }) | Err(PlanError::NotThisVm { .. }) => {}
+        other => panic!("expected a typed refusal, got {other:?}"),
+    }
+}
