@@ -353,29 +353,46 @@ fn respond(stream: &mut UnixStream, status: u16, body: &str) {
     let _ = stream.write_all(text.as_bytes());
 }
 
-/// Reads one request: (method, path, body).
-fn read_request(stream: &mut UnixStream) -> Option<(String, String, Vec<u8>)> {
-    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+/// Reads once, retrying when a signal interrupts the read.
+fn read_some(stream: &mut UnixStream, chunk: &mut [u8]) -> Result<usize, String> {
+    loop {
+        match stream.read(chunk) {
+            Ok(n) => return Ok(n),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(format!("read: {e}")),
+        }
+    }
+}
+
+/// Reads one request: (method, path, body). `Err` says why the connection
+/// is closed unanswered, so that a test which sees the VMM close on it can
+/// tell why.
+fn read_request(stream: &mut UnixStream) -> Result<(String, String, Vec<u8>), String> {
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .map_err(|e| format!("set_read_timeout: {e}"))?;
     let mut buf = Vec::new();
     let mut chunk = [0u8; 4096];
     let header_end = loop {
-        let n = stream.read(&mut chunk).ok()?;
+        let n = read_some(stream, &mut chunk)?;
         if n == 0 {
-            return None;
+            return Err(format!("EOF after {} bytes of the head", buf.len()));
         }
         buf.extend_from_slice(&chunk[..n]);
         if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
             break i + 4;
         }
         if buf.len() > 1 << 20 {
-            return None;
+            return Err("head over 1 MiB".into());
         }
     };
     let head = String::from_utf8_lossy(&buf[..header_end]).into_owned();
     let mut lines = head.split("\r\n");
-    let mut first = lines.next()?.split(' ');
-    let method = first.next()?.to_string();
-    let path = first.next()?.to_string();
+    let mut first = lines.next().unwrap_or_default().split(' ');
+    let (Some(method), Some(path)) = (first.next(), first.next()) else {
+        return Err(format!("bad request line in {head:?}"));
+    };
+    let (method, path) = (method.to_string(), path.to_string());
     let len: usize = lines
         .filter_map(|l| l.split_once(':'))
         .find(|(k, _)| k.eq_ignore_ascii_case("content-length"))
@@ -383,19 +400,23 @@ fn read_request(stream: &mut UnixStream) -> Option<(String, String, Vec<u8>)> {
         .unwrap_or(0);
     let mut body = buf[header_end..].to_vec();
     while body.len() < len {
-        let n = stream.read(&mut chunk).ok()?;
+        let n = read_some(stream, &mut chunk)?;
         if n == 0 {
-            return None;
+            return Err(format!("EOF after {} of {len} body bytes", body.len()));
         }
         body.extend_from_slice(&chunk[..n]);
     }
-    Some((method, path, body))
+    Ok((method, path, body))
 }
 
 #[allow(clippy::too_many_lines)] // older than the lint; split before extending
 fn serve_one(state: &Arc<Mutex<FakeState>>, mut stream: UnixStream) {
-    let Some((method, path, body)) = read_request(&mut stream) else {
-        return;
+    let (method, path, body) = match read_request(&mut stream) {
+        Ok(r) => r,
+        Err(why) => {
+            eprintln!("fake VMM: closing a connection unanswered: {why}");
+            return;
+        }
     };
     let mut st = state.lock().unwrap_or_else(|e| e.into_inner());
     match (method.as_str(), path.as_str()) {
