@@ -6,6 +6,8 @@
 //!   [`sidecar`], and the [`sim`] of hosts and KVM used to prove the planner;
 //!   [`hostconf`], the host configuration that makes sidecar keys mandatory;
 //! - [`host`]: CLOCK_TAI, adjtimex, (TSC, TAI) brackets, host identity;
+//! - [`peer`]: the inter-host TAI offset measured over TCP (estimator,
+//!   authenticated exchange, the sidecar carried to the destination);
 //! - `kvm` (feature `kvm`): capture and apply on kvm-ioctls file descriptors.
 //!
 //! A VMM links this crate with `default-features = false` (plus `kvm`): no
@@ -19,6 +21,7 @@ pub mod hostconf;
 #[cfg(all(feature = "kvm", target_os = "linux", target_arch = "x86_64"))]
 pub mod kvm;
 pub mod model;
+pub mod peer;
 pub mod plan;
 pub mod pvclock;
 pub mod request;

@@ -209,14 +209,30 @@ impl VmClock {
 }
 
 /// An estimate of (destination TAI - source TAI) measured between the two
-/// hosts, e.g. NTP-style over the migration network.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+/// hosts, NTP-style over the migration network (`crate::peer`).
+///
+/// The three measurement fields are optional and written only when set, so
+/// a sidecar without them keeps its exact bytes (and digest); a reader
+/// older than them refuses a sidecar that carries them (unknown field)
+/// rather than plan without the drift term they enable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub struct OffsetEstimate {
     /// Destination clock minus source clock, ns.
     pub offset_ns: i64,
-    /// Half the round trip: |true offset - offset_ns| <= bound_ns.
+    /// |true offset - offset_ns| <= bound_ns at the measurement instant
+    /// (half the best round trip plus the clock-read uncertainties).
     pub bound_ns: u64,
+    /// When it was measured, CLOCK_TAI ns on the source's clock; the
+    /// planner widens the bound by the drift since then.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub measured_tai_ns: Option<u64>,
+    /// Rounds exchanged (the best one was kept).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rounds: Option<u32>,
+    /// Round trip of the best round, less the peer's processing time, ns.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub best_delay_ns: Option<u64>,
 }
 
 /// Keep the guest's clocks counting through the blackout, or freeze them.
@@ -261,10 +277,25 @@ pub struct Policy {
     /// Off only for callers whose destination VM is not a restored one.
     #[serde(default = "default_true")]
     pub verify_vm_state: bool,
+    /// How fast either host's clock may gain or lose on true time, ppm,
+    /// between an offset measurement and its use: the bound of a measured
+    /// offset grows by this much of the time since it was measured
+    /// ([`DEFAULT_OFFSET_DRIFT_PPM`]; docs/offset-exchange.md).
+    #[serde(default = "default_offset_drift_ppm")]
+    pub offset_drift_ppm: u32,
 }
+
+/// Default of [`Policy::offset_drift_ppm`]: an NTP- or PTP-disciplined
+/// clock holds its frequency to about 1 ppm; 20 ppm also covers a clock
+/// whose discipline lapsed minutes ago (temperature, a fresh boot).
+pub const DEFAULT_OFFSET_DRIFT_PPM: u32 = 20;
 
 fn default_true() -> bool {
     true
+}
+
+fn default_offset_drift_ppm() -> u32 {
+    DEFAULT_OFFSET_DRIFT_PPM
 }
 
 impl Default for Policy {
@@ -278,6 +309,7 @@ impl Default for Policy {
             rate_tolerance_ppm: 250,
             max_kvmclock_error_ns: 50,
             verify_vm_state: true,
+            offset_drift_ppm: DEFAULT_OFFSET_DRIFT_PPM,
         }
     }
 }

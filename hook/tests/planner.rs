@@ -473,7 +473,7 @@ proptest! {
             sample: dst_sample,
             vm: dst_vm,
             vm_id: None,
-            offset_estimate: estimate.map(|(o, b)| OffsetEstimate { offset_ns: o, bound_ns: b }),
+            offset_estimate: estimate.map(|(o, b)| OffsetEstimate { offset_ns: o, bound_ns: b, ..OffsetEstimate::default() }),
         };
         let policy = Policy {
             clock: if freeze { ClockPolicy::Freeze } else { ClockPolicy::KeepRunning },

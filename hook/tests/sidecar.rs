@@ -309,9 +309,69 @@ fn offset_estimate_round_trips() {
     b.offset_estimate = Some(OffsetEstimate {
         offset_ns: -1_234_567,
         bound_ns: 85_000,
+        ..OffsetEstimate::default()
     });
     let s = Sidecar::seal(b, None).unwrap();
     assert_eq!(Sidecar::parse(&s.to_json_pretty(), None).unwrap(), s);
+}
+
+/// An estimate without the measurement fields (as written before they
+/// existed) reads, and is written back without them: same bytes, same
+/// digest. With them, each is covered by the digest and checked.
+#[test]
+fn offset_estimate_measurement_fields_are_optional_and_checked() {
+    let mut b = body();
+    b.offset_estimate = Some(OffsetEstimate {
+        offset_ns: 12,
+        bound_ns: 34,
+        ..OffsetEstimate::default()
+    });
+    let s = Sidecar::seal(b.clone(), None).unwrap();
+    let text = String::from_utf8(s.to_json_pretty()).unwrap();
+    assert!(!text.contains("measured_tai_ns"), "{text}");
+    assert!(
+        text.contains("\"offset_estimate\": {\n    \"offset_ns\": 12,\n    \"bound_ns\": 34\n  }")
+    );
+    assert_eq!(Sidecar::parse(text.as_bytes(), None).unwrap(), s);
+
+    let measured = OffsetEstimate {
+        measured_tai_ns: Some(1_795_749_137_000_000_000),
+        rounds: Some(8),
+        best_delay_ns: Some(61_000),
+        ..b.offset_estimate.unwrap()
+    };
+    b.offset_estimate = Some(measured);
+    let m = Sidecar::seal(b.clone(), None).unwrap();
+    assert_ne!(m.integrity.sha256, s.integrity.sha256);
+    assert_eq!(Sidecar::parse(&m.to_json_pretty(), None).unwrap(), m);
+
+    for (bad, field) in [
+        (
+            OffsetEstimate {
+                rounds: Some(0),
+                ..measured
+            },
+            "offset_estimate.rounds",
+        ),
+        (
+            OffsetEstimate {
+                rounds: Some(65),
+                ..measured
+            },
+            "offset_estimate.rounds",
+        ),
+        (
+            OffsetEstimate {
+                measured_tai_ns: Some(0),
+                ..measured
+            },
+            "offset_estimate.measured_tai_ns",
+        ),
+    ] {
+        b.offset_estimate = Some(bad);
+        let err = Sidecar::seal(b.clone(), None).unwrap_err();
+        assert_eq!(err.field(), Some(field), "{err}");
+    }
 }
 
 #[test]
@@ -1506,6 +1566,9 @@ fn written_variants() -> Vec<(&'static str, Vec<u8>)> {
     b.offset_estimate = Some(OffsetEstimate {
         offset_ns: i64::MIN,
         bound_ns: u64::MAX,
+        measured_tai_ns: Some(u64::MAX),
+        rounds: Some(64),
+        best_delay_ns: Some(u64::MAX),
     });
     b.capture.quality.leap_pending = LeapPending::Insert;
     b.capture.quality.synchronised = false;

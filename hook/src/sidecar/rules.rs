@@ -10,7 +10,8 @@ use super::{
     Result, SidecarBody, SidecarError, VmIdentity, FORMAT, MAX_HOST_STRING_BYTES, MAX_TAI_OFFSET_S,
     MAX_UNCERTAINTY_NS, MAX_VCPUS, MAX_VM_ID_BYTES, VERSION,
 };
-use crate::model::{HostIdentity, HostSample, VmClock};
+use crate::model::{HostIdentity, HostSample, OffsetEstimate, VmClock};
+use crate::peer::estimate::MAX_ROUNDS;
 use crate::validate;
 
 impl SidecarBody {
@@ -130,6 +131,7 @@ impl SidecarBody {
         validate::vm_clock(&self.vm_clock)
             .map_err(|e| e.under("vm_clock"))
             .map_err(|e| SidecarError::invalid(e.field, e.reason))?;
+        check_offset_estimate(self.offset_estimate.as_ref())?;
         check_text("created_by", &self.created_by, true, MAX_HOST_STRING_BYTES)?;
         Ok(())
     }
@@ -146,6 +148,29 @@ impl SidecarBody {
         }
         Ok(())
     }
+}
+
+/// A measured estimate's optional fields: a measurement instant, and 1 to
+/// [`MAX_ROUNDS`] rounds.
+fn check_offset_estimate(estimate: Option<&OffsetEstimate>) -> Result<()> {
+    let Some(e) = estimate else {
+        return Ok(());
+    };
+    if e.measured_tai_ns == Some(0) {
+        return Err(SidecarError::invalid(
+            "offset_estimate.measured_tai_ns",
+            "is 0: the measurement instant is missing",
+        ));
+    }
+    if let Some(rounds) = e.rounds {
+        if rounds == 0 || rounds > MAX_ROUNDS {
+            return Err(SidecarError::invalid(
+                "offset_estimate.rounds",
+                format!("is {rounds}; an exchange has 1 to {MAX_ROUNDS} rounds"),
+            ));
+        }
+    }
+    Ok(())
 }
 
 fn check_text(field: &str, s: &str, required: bool, max_bytes: usize) -> Result<()> {
