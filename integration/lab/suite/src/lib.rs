@@ -1,0 +1,6 @@
+//! Shared parts of the two-host lab's tools (docs/lab.md, "Two lab hosts"):
+//! the ivshmem page both lab hosts map ([`shm`]), the TSC difference measured
+//! through it ([`tscpair`]).
+
+pub mod shm;
+pub mod tscpair;
