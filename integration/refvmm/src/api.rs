@@ -419,7 +419,7 @@ impl Vmm {
 
     fn send(&mut self, body: SendBody) -> ApiResult {
         let action = "Error dispatching the migration worker";
-        let endpoint = migration::parse_url(&body.destination_url)
+        let endpoint = migration::parse_url(&body.destination_url, migration::Direction::Send)
             .map_err(|e| ApiFailure::api(500, action, e))?;
         if body.local && !matches!(endpoint, migration::Endpoint::Unix(_)) {
             return Err(ApiFailure::api(
@@ -455,7 +455,7 @@ impl Vmm {
             action,
             "Can't receive a migration when a VM is already created",
         )?;
-        let endpoint = migration::parse_url(&body.receiver_url)
+        let endpoint = migration::parse_url(&body.receiver_url, migration::Direction::Receive)
             .map_err(|e| ApiFailure::api(500, action, e))?;
         let mut channel =
             Channel::accept(&endpoint).map_err(|e| ApiFailure::api(500, action, e))?;

@@ -1,4 +1,4 @@
-//! Migration between two reference VMMs over a Unix socket or loopback TCP.
+//! Migration between two reference VMMs over a Unix socket or TCP.
 //!
 //! Wire format (sender -> receiver), then one status byte back:
 //!
@@ -9,7 +9,10 @@
 //!    socket only) = one byte carrying the memfd as SCM_RIGHTS;
 //! 4. receiver -> sender: `0` = restored, or `1` + u32 length + message.
 //!
-//! TCP is refused for non-loopback addresses: this VMM is a test tool.
+//! TCP takes numeric addresses only (no name lookup). The sender needs a
+//! unicast address; the receiver binds the address given (`0.0.0.0` or
+//! `[::]` for every interface). There is no encryption or authentication:
+//! this VMM is a test tool, for loopback and closed lab networks.
 
 use std::io::{IoSlice, IoSliceMut, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -33,8 +36,23 @@ pub enum Endpoint {
     Tcp(SocketAddr),
 }
 
-/// Parses `unix:/path` or `tcp:127.0.0.1:PORT` (loopback only).
-pub fn parse_url(url: &str) -> Result<Endpoint, String> {
+/// Which side of a migration a URL is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    /// `vm.send-migration`: the address to connect to.
+    Send,
+    /// `vm.receive-migration`: the address to bind.
+    Receive,
+}
+
+/// How long the sender tries to connect to the destination.
+pub const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Parses `unix:/path` or `tcp:ADDR:PORT` (`tcp:[V6]:PORT`), numeric
+/// addresses only, port not 0. A sender's address must be unicast and
+/// specified; a receiver's may be unspecified (bind every interface) but not
+/// multicast or broadcast.
+pub fn parse_url(url: &str, direction: Direction) -> Result<Endpoint, String> {
     if let Some(path) = url.strip_prefix("unix:") {
         if path.is_empty() {
             return Err(format!("{url:?}: empty socket path"));
@@ -45,9 +63,19 @@ pub fn parse_url(url: &str) -> Result<Endpoint, String> {
         let addr: SocketAddr = addr
             .parse()
             .map_err(|e| format!("{url:?}: not HOST:PORT with a numeric host ({e})"))?;
-        if !addr.ip().is_loopback() {
+        if addr.port() == 0 {
+            return Err(format!("{url:?}: port 0"));
+        }
+        let ip = addr.ip();
+        let broadcast = matches!(ip, std::net::IpAddr::V4(v4) if v4.is_broadcast());
+        if ip.is_multicast() || broadcast {
             return Err(format!(
-                "{url:?}: only loopback addresses are accepted by the reference VMM"
+                "{url:?}: a multicast or broadcast address cannot carry a migration"
+            ));
+        }
+        if ip.is_unspecified() && direction == Direction::Send {
+            return Err(format!(
+                "{url:?}: an unspecified address ({ip}) is not a destination"
             ));
         }
         return Ok(Endpoint::Tcp(addr));
@@ -111,7 +139,7 @@ impl Channel {
             Endpoint::Unix(p) => UnixStream::connect(p)
                 .map(Channel::Unix)
                 .map_err(io("connecting to the destination")),
-            Endpoint::Tcp(a) => TcpStream::connect(a)
+            Endpoint::Tcp(a) => TcpStream::connect_timeout(a, CONNECT_TIMEOUT)
                 .map(Channel::Tcp)
                 .map_err(io("connecting to the destination")),
         }
@@ -317,18 +345,91 @@ mod tests {
 
     #[test]
     fn urls() {
-        assert_eq!(
-            parse_url("unix:/tmp/m.sock"),
-            Ok(Endpoint::Unix("/tmp/m.sock".into()))
-        );
-        assert!(matches!(
-            parse_url("tcp:127.0.0.1:6000"),
-            Ok(Endpoint::Tcp(_))
-        ));
-        assert!(parse_url("tcp:192.168.1.2:6000").is_err());
-        assert!(parse_url("tcp:localhost:6000").is_err());
-        assert!(parse_url("unix:").is_err());
-        assert!(parse_url("file:///x").is_err());
+        use Direction::{Receive, Send};
+        for d in [Send, Receive] {
+            assert_eq!(
+                parse_url("unix:/tmp/m.sock", d),
+                Ok(Endpoint::Unix("/tmp/m.sock".into()))
+            );
+            assert_eq!(
+                parse_url("tcp:127.0.0.1:6000", d),
+                Ok(Endpoint::Tcp("127.0.0.1:6000".parse().expect("addr")))
+            );
+            // A lab network address, both ways.
+            assert_eq!(
+                parse_url("tcp:169.254.77.2:6000", d),
+                Ok(Endpoint::Tcp("169.254.77.2:6000".parse().expect("addr")))
+            );
+            assert_eq!(
+                parse_url("tcp:[fe80::2]:6000", d),
+                Ok(Endpoint::Tcp("[fe80::2]:6000".parse().expect("addr")))
+            );
+            assert!(parse_url("tcp:192.168.1.2:6000", d).is_ok());
+            // Refused either way: names, port 0, no port, multicast,
+            // broadcast, junk.
+            for bad in [
+                "tcp:localhost:6000",
+                "tcp:169.254.77.2:0",
+                "tcp:169.254.77.2",
+                "tcp:224.0.0.1:6000",
+                "tcp:[ff02::1]:6000",
+                "tcp:255.255.255.255:6000",
+                "tcp:169.254.77.2:99999",
+                "tcp:",
+                "unix:",
+                "file:///x",
+            ] {
+                assert!(parse_url(bad, d).is_err(), "{bad} ({d:?})");
+            }
+        }
+        // The receiver may bind every interface; nobody can send there.
+        assert!(parse_url("tcp:0.0.0.0:6000", Receive).is_ok());
+        assert!(parse_url("tcp:[::]:6000", Receive).is_ok());
+        let e = parse_url("tcp:0.0.0.0:6000", Send).expect_err("unspecified");
+        assert!(e.contains("unspecified"), "{e}");
+        assert!(parse_url("tcp:[::]:6000", Send).is_err());
+    }
+
+    #[test]
+    fn tcp_between_addresses_other_than_loopback_works() {
+        // Any local non-loopback address will do; skip where there is none.
+        let Some(ip) = local_non_loopback_ipv4() else {
+            eprintln!("SKIP: no non-loopback IPv4 address here");
+            return;
+        };
+        let listener = TcpListener::bind((ip, 0)).expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        drop(listener);
+        let url = format!("tcp:{ip}:{port}");
+        let rx = parse_url(&url, Direction::Receive).expect("receive url");
+        let tx = parse_url(&url, Direction::Send).expect("send url");
+        let receiver = std::thread::spawn(move || {
+            let mut ch = Channel::accept(&rx).expect("accept");
+            let mut b = [0u8; 4];
+            ch.reader().read_exact(&mut b).expect("read");
+            b
+        });
+        let mut sent = None;
+        for _ in 0..200 {
+            if let Ok(ch) = Channel::connect(&tx) {
+                sent = Some(ch);
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        let mut ch = sent.expect("connect");
+        ch.rw().write_all(b"ping").expect("write");
+        assert_eq!(&receiver.join().expect("join"), b"ping");
+    }
+
+    fn local_non_loopback_ipv4() -> Option<std::net::Ipv4Addr> {
+        // The source address of a route to a TEST-NET address (no packet is sent).
+        let s = std::net::UdpSocket::bind("0.0.0.0:0").ok()?;
+        s.connect("192.0.2.1:9").ok()?;
+        match s.local_addr().ok()?.ip() {
+            std::net::IpAddr::V4(v4) if !v4.is_loopback() && !v4.is_unspecified() => Some(v4),
+            _ => None,
+        }
     }
 
     #[test]

@@ -118,14 +118,24 @@ fn without_a_vm() {
     );
     let relative = r#"{"source_url":"file://relative"}"#;
     expect_error(&vmm, "PUT", "vm.restore", Some(relative), 500, "file:///");
-    let remote = r#"{"receiver_url":"tcp:10.0.0.1:6000"}"#;
+    // An address this host does not have cannot be bound.
+    let remote = r#"{"receiver_url":"tcp:192.0.2.1:6000"}"#;
     expect_error(
         &vmm,
         "PUT",
         "vm.receive-migration",
         Some(remote),
         500,
-        "loopback",
+        "binding the receiver socket",
+    );
+    let multicast = r#"{"receiver_url":"tcp:224.0.0.1:6000"}"#;
+    expect_error(
+        &vmm,
+        "PUT",
+        "vm.receive-migration",
+        Some(multicast),
+        500,
+        "multicast",
     );
     vmm.shutdown();
 }
@@ -410,7 +420,8 @@ fn send_migration_refusals_leave_the_vm_running() {
     let dir = tempdir("sendbad");
     let vmm = boot(&dir, "src", &[]);
     for (body, needle) in [
-        (r#"{"destination_url":"tcp:192.0.2.1:6000"}"#, "loopback"),
+        (r#"{"destination_url":"tcp:0.0.0.0:6000"}"#, "unspecified"),
+        (r#"{"destination_url":"tcp:10.0.0.1:0"}"#, "port 0"),
         (r#"{"destination_url":"ftp://x"}"#, "expected unix:PATH"),
         (
             r#"{"destination_url":"tcp:127.0.0.1:1","local":true}"#,
