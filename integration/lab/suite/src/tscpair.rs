@@ -192,3 +192,78 @@ pub fn measure(
         samples_b,
     })
 }
+
+/// The next unused measurement number on the page (both roles' words read):
+/// the leader picks it and tells the other host, so a measurement never
+/// meets a finished one of an earlier run of a tool in the same boot.
+pub fn next_epoch(shm: &Shm) -> u64 {
+    [Role::A, Role::B]
+        .iter()
+        .flat_map(|r| [shm.load(r.base() + HELLO), shm.load(r.base() + DONE)])
+        .max()
+        .unwrap_or(0)
+        .saturating_add(1)
+}
+
+/// Brackets wider than this are measured again (one QEMU was descheduled
+/// for most of the window on the shared machine).
+pub const NARROW_CYCLES: u64 = 2_000;
+
+/// Measures D with the other host, agreeing on the measurement numbers over
+/// `ctl` (A leads): up to `tries` windows of `duration`, stopping at the
+/// first narrower than [`NARROW_CYCLES`]. All windows bound the same
+/// constant, so the result is their intersection.
+pub fn measure_with(
+    ctl: &mut crate::control::Control,
+    shm: &Shm,
+    role: Role,
+    duration: Duration,
+    tries: u32,
+) -> Result<Pair, String> {
+    let mut acc: Option<Pair> = None;
+    for _ in 0..tries.max(1) {
+        let epoch = match role {
+            Role::A => {
+                let e = next_epoch(shm);
+                ctl.send(&serde_json::json!({"step": "tscpair", "epoch": e}))
+                    .map_err(|e| format!("control: {e}"))?;
+                e
+            }
+            Role::B => ctl
+                .expect("tscpair")
+                .map_err(|e| format!("control: {e}"))?
+                .get("epoch")
+                .and_then(serde_json::Value::as_u64)
+                .ok_or("control: tscpair without an epoch")?,
+        };
+        let p = measure(shm, role, epoch, duration, Duration::from_secs(60))?;
+        let merged = match acc {
+            None => p,
+            Some(a) => {
+                let lower = a.lower_cycles.max(p.lower_cycles);
+                let upper = a.upper_cycles.min(p.upper_cycles);
+                if lower > upper {
+                    return Err(format!(
+                        "D moved between windows: [{}, {}] then [{}, {}]",
+                        a.lower_cycles, a.upper_cycles, p.lower_cycles, p.upper_cycles
+                    ));
+                }
+                let width = i128::from(upper) - i128::from(lower);
+                Pair {
+                    epoch: p.epoch,
+                    lower_cycles: lower,
+                    upper_cycles: upper,
+                    d_cycles: i64::try_from(i128::from(lower) + width / 2).unwrap_or(lower),
+                    width_cycles: u64::try_from(width).unwrap_or(u64::MAX),
+                    samples_a: a.samples_a.saturating_add(p.samples_a),
+                    samples_b: a.samples_b.saturating_add(p.samples_b),
+                }
+            }
+        };
+        acc = Some(merged);
+        if merged.width_cycles <= NARROW_CYCLES {
+            break;
+        }
+    }
+    acc.ok_or_else(|| "no measurement".into())
+}
