@@ -1,0 +1,190 @@
+//! The source's side of the exchange: connect, hello, the measurement
+//! rounds, optionally the sidecar, done.
+
+use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::time::{Duration, Instant};
+
+use super::estimate::{estimate, Estimate, Sample, MAX_ROUNDS};
+use super::wire::{Body, Conn, Session, MAX_MESSAGE_BYTES};
+use super::PeerError;
+use crate::host::{tai_now_ns, CLOCK_RESOLUTION_NS};
+use crate::sidecar::SidecarKey;
+
+/// How to reach the destination and how long to wait for it.
+#[derive(Debug, Clone)]
+pub struct ClientOptions {
+    /// For the TCP connection (all addresses the name resolves to).
+    pub connect_timeout: Duration,
+    /// For each answer.
+    pub timeout: Duration,
+    /// The sidecar key; `None` only for an explicitly insecure exchange.
+    pub key: Option<SidecarKey>,
+}
+
+/// An open, authenticated session with the destination.
+#[derive(Debug)]
+pub struct PeerClient {
+    conn: Conn,
+    session: Session,
+    /// The address connected to.
+    pub peer_addr: SocketAddr,
+}
+
+/// The destination's acknowledgement of a sidecar.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stored {
+    pub vm_id: String,
+    pub sha256: String,
+}
+
+/// `HOST:PORT` to socket addresses; the port must be 1 to 65535.
+pub fn resolve(addr: &str) -> Result<Vec<SocketAddr>, PeerError> {
+    let bad = |reason: String| PeerError::Address {
+        addr: super::wire::clip(addr),
+        reason,
+    };
+    let (host, port) = addr
+        .rsplit_once(':')
+        .ok_or_else(|| bad("expected HOST:PORT".into()))?;
+    if host.is_empty() {
+        return Err(bad("the host is empty".into()));
+    }
+    match port.parse::<u16>() {
+        Ok(p) if p > 0 => {}
+        _ => return Err(bad(format!("port {port:?} is not 1 to 65535"))),
+    }
+    let found: Vec<SocketAddr> = addr
+        .to_socket_addrs()
+        .map_err(|e| bad(format!("cannot resolve: {e}")))?
+        .collect();
+    if found.is_empty() {
+        return Err(bad("resolves to no address".into()));
+    }
+    Ok(found)
+}
+
+fn connect(addr: &str, timeout: Duration) -> Result<(TcpStream, SocketAddr), PeerError> {
+    let deadline = Instant::now() + timeout;
+    let mut last = None;
+    for a in resolve(addr)? {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            break;
+        }
+        match TcpStream::connect_timeout(&a, left) {
+            Ok(s) => return Ok((s, a)),
+            Err(e) => last = Some(e),
+        }
+    }
+    let after_ms = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
+    Err(match last {
+        Some(e) if !matches!(e.kind(), std::io::ErrorKind::TimedOut) => PeerError::Connect {
+            addr: addr.to_string(),
+            reason: e.to_string(),
+        },
+        _ => PeerError::ConnectTimeout {
+            addr: addr.to_string(),
+            after_ms,
+        },
+    })
+}
+
+impl PeerClient {
+    /// Connects to `addr` (`HOST:PORT`) and opens a session: hello with
+    /// this side's nonce, welcome with the destination's.
+    pub fn connect(addr: &str, opts: &ClientOptions) -> Result<PeerClient, PeerError> {
+        let (stream, peer_addr) = connect(addr, opts.connect_timeout)?;
+        let conn = Conn::new(stream, opts.timeout)?;
+        let session = Session::source(opts.key.clone())?;
+        let mut client = PeerClient {
+            conn,
+            session,
+            peer_addr,
+        };
+        let key_id = client.session.key_id();
+        match client.call(Body::Hello { key_id }, "the welcome")? {
+            Body::Welcome { .. } => Ok(client),
+            other => Err(unexpected("welcome", &other)),
+        }
+    }
+
+    fn call(&mut self, msg: Body, waiting_for: &'static str) -> Result<Body, PeerError> {
+        let line = self.session.seal(msg)?;
+        self.conn.write_line(&line)?;
+        let answer = self.conn.read_line(MAX_MESSAGE_BYTES, waiting_for)?;
+        self.session.open(&answer)
+    }
+
+    /// `rounds` measurement rounds (1 to [`MAX_ROUNDS`]) and their estimate.
+    pub fn measure(&mut self, rounds: u32) -> Result<(Vec<Sample>, Estimate), PeerError> {
+        if rounds == 0 || rounds > MAX_ROUNDS {
+            return Err(PeerError::Protocol {
+                reason: format!("{rounds} rounds: an exchange has 1 to {MAX_ROUNDS}"),
+            });
+        }
+        let mut samples = Vec::new();
+        for round in 0..rounds {
+            samples.push(self.round(round)?);
+        }
+        let e = estimate(&samples)?;
+        Ok((samples, e))
+    }
+
+    fn round(&mut self, round: u32) -> Result<Sample, PeerError> {
+        let line = self.session.seal(Body::Ping { round })?;
+        let t1 = tai_now_ns()?;
+        self.conn.write_line(&line)?;
+        let answer = self.conn.read_line(MAX_MESSAGE_BYTES, "a pong")?;
+        let t4 = tai_now_ns()?;
+        match self.session.open(&answer)? {
+            Body::Pong {
+                round: r,
+                t2_tai_ns,
+                t3_tai_ns,
+                read_uncertainty_ns,
+            } if r == round => Ok(Sample {
+                t1_src_send_tai_ns: t1,
+                t2_dst_recv_tai_ns: t2_tai_ns,
+                t3_dst_send_tai_ns: t3_tai_ns,
+                t4_src_recv_tai_ns: t4,
+                src_read_uncertainty_ns: CLOCK_RESOLUTION_NS,
+                dst_read_uncertainty_ns: read_uncertainty_ns,
+            }),
+            other => Err(unexpected("pong for this round", &other)),
+        }
+    }
+
+    /// Sends VM `vm_id`'s sealed sidecar (its exact bytes, UTF-8 JSON);
+    /// the destination validates and stores it.
+    pub fn send_sidecar(&mut self, vm_id: &str, sidecar: &[u8]) -> Result<Stored, PeerError> {
+        let text = String::from_utf8(sidecar.to_vec()).map_err(|_| PeerError::Protocol {
+            reason: "the sidecar is not UTF-8".into(),
+        })?;
+        let msg = Body::Sidecar {
+            vm_id: vm_id.to_string(),
+            sidecar: text,
+        };
+        match self.call(msg, "the sidecar's acknowledgement")? {
+            Body::Stored { vm_id: id, sha256 } if id == vm_id => Ok(Stored { vm_id: id, sha256 }),
+            other => Err(unexpected("stored", &other)),
+        }
+    }
+
+    /// Ends the session: done, bye.
+    pub fn finish(mut self) -> Result<(), PeerError> {
+        match self.call(Body::Done, "the goodbye")? {
+            Body::Bye => Ok(()),
+            other => Err(unexpected("bye", &other)),
+        }
+    }
+}
+
+fn unexpected(expected: &'static str, got: &Body) -> PeerError {
+    PeerError::Unexpected {
+        expected,
+        got: match got {
+            Body::Pong { round, .. } => format!("a pong for round {round}"),
+            other => other.kind().to_string(),
+        },
+    }
+}
