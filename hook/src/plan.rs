@@ -95,6 +95,10 @@ pub struct ErrorBound {
     pub destination_clock_ns: u64,
     /// Bound of the measured inter-host offset, when one was given.
     pub offset_estimate_ns: u64,
+    /// How far the clocks may have drifted since the offset was measured:
+    /// `offset_drift_ppm` of the time from the measurement to the capture
+    /// and to this sample ([`offset_drift_ns`]).
+    pub offset_drift_ns: u64,
     /// Rate uncertainty times the elapsed time.
     pub rate_error_ns: u64,
     /// Sum of the above: |guest TSC placed - ideal| in time.
@@ -195,6 +199,13 @@ pub enum PlanError {
          the TSC-to-kvm-clock line is unknown"
     )]
     NoPvti { flags: u32 },
+    #[error(
+        "offset_estimate.offset_ns: the measured offset between the hosts, {offset_ns} ns, exceeds \
+         the {allowed_ns} ns their adjtimex figures allow (both maxerrors, the estimate's bound \
+         and its drift) although both claim to be synchronised: one of them is wrong (policy \
+         requires synchronised clocks)"
+    )]
+    ClocksDisagree { offset_ns: i64, allowed_ns: u64 },
     #[error("arithmetic out of range in {what}")]
     Overflow { what: &'static str },
 }
@@ -231,7 +242,10 @@ pub fn plan(sidecar: &SidecarBody, dst: &Destination, policy: &Policy) -> Result
     // How far the two TAI readings can be from the truth. A capture later
     // than the destination's clock beyond this is refused in every mode: a
     // future-dated sidecar would otherwise pass any age limit with age 0.
-    let tai_bound = tai_error_bound(sidecar, dst);
+    let tai_bound = tai_error_bound(sidecar, dst, policy);
+    if uses_tai {
+        check_estimate(sidecar, dst, policy, &tai_bound, &mut notes)?;
+    }
     let (age_ns, behind_ns) = elapsed(sidecar, dst, tai_bound.total_ns)?;
     let mut bound = if uses_tai {
         tai_bound
@@ -635,15 +649,81 @@ fn check_quality(
     Ok(())
 }
 
-/// Brackets and host clock errors (the rate term is added once elapsed is known).
-fn tai_error_bound(sidecar: &SidecarBody, dst: &Destination) -> ErrorBound {
+/// The measured offset must agree with what both hosts' adjtimex figures
+/// allow when both claim to be synchronised: a note when it does not, and
+/// a refusal ([`PlanError::ClocksDisagree`]) under `require_sync`.
+fn check_estimate(
+    sidecar: &SidecarBody,
+    dst: &Destination,
+    policy: &Policy,
+    bound: &ErrorBound,
+    notes: &mut Vec<String>,
+) -> Result<(), PlanError> {
+    let Some(estimate) = dst.offset_estimate.or(sidecar.offset_estimate) else {
+        return Ok(());
+    };
+    let (src_q, dst_q) = (&sidecar.capture.quality, &dst.sample.quality);
+    if !(src_q.synchronised && dst_q.synchronised) {
+        return Ok(());
+    }
+    let allowed_ns = src_q
+        .maxerror_ns
+        .saturating_add(dst_q.maxerror_ns)
+        .saturating_add(bound.offset_estimate_ns)
+        .saturating_add(bound.offset_drift_ns);
+    if estimate.offset_ns.unsigned_abs() <= allowed_ns {
+        return Ok(());
+    }
+    if policy.require_sync {
+        return Err(PlanError::ClocksDisagree {
+            offset_ns: estimate.offset_ns,
+            allowed_ns,
+        });
+    }
+    notes.push(format!(
+        "the measured offset between the hosts, {} ns, exceeds the {allowed_ns} ns their \
+         adjtimex figures allow although both claim to be synchronised: one host clock is wrong; \
+         the plan corrects by the measured offset",
+        estimate.offset_ns
+    ));
+    Ok(())
+}
+
+/// How far the two clocks may have drifted apart since `estimate` was
+/// measured: `ppm` of the time from the measurement to the capture plus
+/// from the measurement to the destination's sample, both on the source's
+/// clock. An estimate without `measured_tai_ns` counts as measured at the
+/// capture.
+pub fn offset_drift_ns(
+    sidecar: &SidecarBody,
+    dst: &Destination,
+    estimate: &OffsetEstimate,
+    ppm: u32,
+) -> u64 {
+    let capture = i128::from(sidecar.capture.tai_ns);
+    let measured = estimate.measured_tai_ns.map_or(capture, i128::from);
+    let sample = i128::from(dst.sample.tai_ns) - i128::from(estimate.offset_ns);
+    let span_ns = sample
+        .abs_diff(measured)
+        .saturating_add(capture.abs_diff(measured));
+    let ns = crate::peer::estimate::ppm_of_ns(span_ns, u64::from(ppm));
+    u64::try_from(ns).unwrap_or(u64::MAX)
+}
+
+/// Brackets and host clock errors, or the measured offset's bound and
+/// drift (the rate term is added once elapsed is known).
+fn tai_error_bound(sidecar: &SidecarBody, dst: &Destination, policy: &Policy) -> ErrorBound {
     let mut bound = ErrorBound {
         source_bracket_ns: sidecar.capture.uncertainty_ns,
         destination_bracket_ns: dst.sample.uncertainty_ns,
         ..ErrorBound::default()
     };
     match dst.offset_estimate.or(sidecar.offset_estimate) {
-        Some(estimate) => bound.offset_estimate_ns = estimate.bound_ns,
+        Some(estimate) => {
+            bound.offset_estimate_ns = estimate.bound_ns;
+            bound.offset_drift_ns =
+                offset_drift_ns(sidecar, dst, &estimate, policy.offset_drift_ppm);
+        }
         None => {
             bound.source_clock_ns = sidecar.capture.quality.maxerror_ns;
             bound.destination_clock_ns = dst.sample.quality.maxerror_ns;
@@ -655,6 +735,7 @@ fn tai_error_bound(sidecar: &SidecarBody, dst: &Destination) -> ErrorBound {
         bound.source_clock_ns,
         bound.destination_clock_ns,
         bound.offset_estimate_ns,
+        bound.offset_drift_ns,
     ]
     .iter()
     .fold(0u64, |acc, ns| acc.saturating_add(*ns));
