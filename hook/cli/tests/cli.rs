@@ -90,6 +90,7 @@ fn help_reads_like_a_man_page_for_every_subcommand() {
         "inspect",
         "check",
         "bench-restore",
+        "serve",
     ] {
         let r = run(dir.path(), &[sub, "--help"]);
         r.expect(0);

@@ -43,7 +43,21 @@ DESCRIPTION
 
     The host TSC rate comes from --host-tsc-khz, else a per-boot cache in
     $CLOCKCARRY_RUN_DIR (default /run/clockcarry), else KVM_GET_TSC_KHZ, else
-    sysfs or a 50 ms calibration.";
+    sysfs or a 50 ms calibration.
+
+    With --peer HOST:PORT (the destination, running `clockcarry serve`),
+    the two hosts' CLOCK_TAI offset is measured just before the sidecar is
+    sealed: --peer-rounds request/answer rounds (default 8), the one with
+    the shortest round trip kept, its bound half that round trip plus the
+    clock reads. The estimate goes into the sidecar's offset_estimate
+    (sealed with the rest); restore then corrects by it instead of trusting
+    both hosts' clocks. --send-sidecar also sends the sealed sidecar to the
+    destination, which validates and stores it in its state directory (no
+    shared storage needed). The exchange is authenticated with the sidecar
+    key, which is then required (--insecure-no-key runs it without one,
+    unless the host configuration names a key). A failed measurement exits
+    10 before anything is written; a sidecar the destination refuses exits
+    10 after the local copy was written (the message says where).";
 
 fn after_help() -> String {
     format!(
@@ -52,7 +66,9 @@ fn after_help() -> String {
 EXAMPLES
     clockcarry capture --api-socket /run/ch.sock --vm web-1
     clockcarry capture --api-socket /run/ch.sock --vm web-1 -o /shared/web-1.json \\
-        --key /etc/clockcarry/sidecar.key --json"
+        --key /etc/clockcarry/sidecar.key --json
+    clockcarry capture --api-socket /run/ch.sock --vm web-1 --peer 192.0.2.20:7487 \\
+        --send-sidecar --key /etc/clockcarry/sidecar.key"
     )
 }
 
@@ -78,6 +94,56 @@ pub struct CaptureArgs {
     /// Print a JSON summary on stdout.
     #[arg(long)]
     json: bool,
+    #[command(flatten)]
+    peer: PeerArgs,
+}
+
+/// The offset exchange with the destination.
+#[derive(Args, Debug)]
+pub struct PeerArgs {
+    /// Measure the TAI offset to the destination's `clockcarry serve` at HOST:PORT.
+    #[arg(long, value_name = "HOST:PORT", value_parser = parse_peer)]
+    peer: Option<String>,
+    /// Rounds of the measurement, 1 to 64.
+    #[arg(long, value_name = "N", default_value_t = clockcarry::peer::estimate::DEFAULT_ROUNDS,
+          value_parser = clap::value_parser!(u32).range(1..=64), requires = "peer")]
+    peer_rounds: u32,
+    /// Also send the sealed sidecar to the destination, which stores it.
+    #[arg(long, requires = "peer")]
+    send_sidecar: bool,
+    /// Give up on the destination when it takes longer than this to connect or answer.
+    #[arg(long, value_name = "DUR", default_value = "2s",
+          value_parser = super::serve::parse_timeout, requires = "peer")]
+    peer_timeout: u64,
+    /// Run the exchange without a key (unauthenticated). Refused when the
+    /// host configuration names a key.
+    #[arg(long, requires = "peer", conflicts_with = "key")]
+    insecure_no_key: bool,
+}
+
+/// `HOST:PORT` with a port of 1 to 65535 (resolved when used).
+fn parse_peer(s: &str) -> Result<String, String> {
+    let (host, port) = s
+        .rsplit_once(':')
+        .ok_or_else(|| format!("{s:?} is not HOST:PORT"))?;
+    if host.is_empty() || host.chars().any(|c| c.is_control() || c.is_whitespace()) {
+        return Err(format!("{s:?}: the host is empty or has spaces"));
+    }
+    match port.parse::<u16>() {
+        Ok(p) if p > 0 => Ok(s.to_string()),
+        _ => Err(format!("{s:?}: the port must be 1 to 65535")),
+    }
+}
+
+/// What the exchange measured, for the summary.
+#[derive(Serialize)]
+struct PeerSummary {
+    peer: String,
+    offset_ns: i64,
+    bound_ns: u64,
+    best_round_trip_ns: u64,
+    rounds: u32,
+    sidecar_stored: Option<String>,
 }
 
 #[derive(Serialize)]
@@ -98,6 +164,7 @@ struct CaptureSummary<'a> {
     tsc_offsets_effective: bool,
     sha256: &'a str,
     key_id: Option<&'a str>,
+    offset_estimate: Option<PeerSummary>,
     warnings: Vec<String>,
 }
 
@@ -125,6 +192,10 @@ pub fn run(args: &CaptureArgs) -> CliResult<Exit> {
         check_replaceable(&output).map_err(|e| write_error(&output, e))?;
     }
     let key = common::load_key(args.key.as_deref())?;
+    let peer_key = match &args.peer.peer {
+        Some(_) => common::peer_key(args.key.as_deref(), args.peer.insecure_no_key)?,
+        None => None,
+    };
 
     // Not while a restore of the same VM is under way: its half-applied
     // state is nothing to carry. Held until this process exits.
@@ -152,7 +223,14 @@ pub fn run(args: &CaptureArgs) -> CliResult<Exit> {
         log::warn!("{w}");
     }
 
-    let body = SidecarBody::new(args.vm.clone(), identity, sample, vm_clock);
+    let mut body = SidecarBody::new(args.vm.clone(), identity, sample, vm_clock);
+    let mut peer = match &args.peer.peer {
+        Some(addr) => Some(measure(addr, &args.peer, peer_key)?),
+        None => None,
+    };
+    if let Some((_, summary)) = &peer {
+        body.offset_estimate = Some(summary.estimate.to_offset_estimate());
+    }
     let sidecar = Sidecar::seal(body, key.as_ref())
         .map_err(|e| CliError::internal(format!("the capture cannot be sealed: {e}")))?;
     if to_stdout {
@@ -177,6 +255,12 @@ pub fn run(args: &CaptureArgs) -> CliResult<Exit> {
         sidecar
             .write_to(&output)
             .map_err(|e| write_error(&output, e))?;
+    }
+    let mut peer_summary = None;
+    if let Some((client, measured)) = peer.take() {
+        peer_summary = Some(finish_peer(
+            client, measured, args, &sidecar, &output, to_stdout,
+        )?);
     }
     let shown = if to_stdout {
         "stdout".to_string()
@@ -207,6 +291,7 @@ pub fn run(args: &CaptureArgs) -> CliResult<Exit> {
         tsc_offsets_effective: b.vm_clock.capabilities.tsc_offset_effective,
         sha256: &sidecar.integrity.sha256,
         key_id: sidecar.integrity.key_id.as_deref(),
+        offset_estimate: peer_summary,
         warnings,
     };
     if args.json {
@@ -220,6 +305,79 @@ pub fn run(args: &CaptureArgs) -> CliResult<Exit> {
         print_text(&human(&summary));
     }
     Ok(Exit::Ok)
+}
+
+/// The estimate of an exchange and where it was measured.
+struct Measured {
+    addr: String,
+    estimate: clockcarry::peer::Estimate,
+}
+
+/// Connects to the destination and measures the offset (exit 10 on failure).
+fn measure(
+    addr: &str,
+    args: &PeerArgs,
+    key: Option<clockcarry::sidecar::SidecarKey>,
+) -> CliResult<(clockcarry::peer::PeerClient, Measured)> {
+    let timeout = std::time::Duration::from_nanos(args.peer_timeout);
+    let opts = clockcarry::peer::ClientOptions {
+        connect_timeout: timeout,
+        timeout,
+        key,
+    };
+    let context = format!("offset exchange with {addr}; no sidecar written");
+    let mut client = clockcarry::peer::PeerClient::connect(addr, &opts)
+        .map_err(|e| common::peer_error(&context, &e))?;
+    let (_, estimate) = client
+        .measure(args.peer_rounds)
+        .map_err(|e| common::peer_error(&context, &e))?;
+    log::info!(
+        "offset to {addr}: {} ns ± {} ns (best round trip {} ns of {} rounds)",
+        estimate.offset_ns,
+        estimate.bound_ns,
+        estimate.best_delay_ns,
+        estimate.rounds
+    );
+    let measured = Measured {
+        addr: addr.to_string(),
+        estimate,
+    };
+    Ok((client, measured))
+}
+
+/// Sends the sidecar when asked, ends the session (exit 10 on failure).
+fn finish_peer(
+    mut client: clockcarry::peer::PeerClient,
+    m: Measured,
+    args: &CaptureArgs,
+    sidecar: &Sidecar,
+    output: &Path,
+    to_stdout: bool,
+) -> CliResult<PeerSummary> {
+    let written = if to_stdout {
+        "the sidecar went to stdout".to_string()
+    } else {
+        format!("the sidecar was written to {}", output.display())
+    };
+    let context = format!("offset exchange with {}; {written}", m.addr);
+    let mut stored = None;
+    if args.peer.send_sidecar {
+        let ack = client
+            .send_sidecar(&args.vm, &sidecar.to_json_pretty())
+            .map_err(|e| common::peer_error(&format!("{context}, not stored there"), &e))?;
+        stored = Some(ack.sha256);
+    }
+    client
+        .finish()
+        .map_err(|e| common::peer_error(&context, &e))?;
+    Ok(PeerSummary {
+        peer: m.addr,
+        offset_ns: m.estimate.offset_ns,
+        bound_ns: m.estimate.bound_ns,
+        best_round_trip_ns: m.estimate.best_delay_ns,
+        rounds: m.estimate.rounds,
+        sidecar_stored: stored,
+    })
 }
 
 /// A sidecar that could not be written: exit 2 when the target is not a
@@ -283,6 +441,21 @@ fn human(s: &CaptureSummary) -> String {
             None => "…, no HMAC".to_string(),
         }
     ));
+    if let Some(p) = &s.offset_estimate {
+        out.push_str(&format!(
+            "  peer offset   {} ± {} to {} (best round trip {}, {} rounds){}\n",
+            super::units::human_ns_signed(p.offset_ns),
+            human_ns(p.bound_ns),
+            p.peer,
+            human_ns(p.best_round_trip_ns),
+            p.rounds,
+            if p.sidecar_stored.is_some() {
+                ", sidecar stored there"
+            } else {
+                ""
+            }
+        ));
+    }
     for w in &s.warnings {
         out.push_str(&format!("  WARNING       {w}\n"));
     }

@@ -68,6 +68,45 @@ pub fn load_key(path: Option<&Path>) -> CliResult<Option<SidecarKey>> {
     })
 }
 
+/// The key of an offset exchange (`capture --peer`, `serve`): the one
+/// [`load_key`] finds, which is then mandatory; without one only with
+/// `--insecure-no-key`, and never when the host configuration names a key.
+pub fn peer_key(path: Option<&Path>, insecure: bool) -> CliResult<Option<SidecarKey>> {
+    let key = load_key(path)?;
+    match (key, insecure) {
+        (Some(_), true) => {
+            let conf = host_config()?.map_or_else(
+                || "the host configuration".to_string(),
+                |h| h.path.display().to_string(),
+            );
+            Err(CliError::bad_input(format!(
+                "--insecure-no-key: {conf} names a key_file, so the key is mandatory on this host"
+            ))
+            .with_hint("drop --insecure-no-key: the exchange is authenticated with that key"))
+        }
+        (Some(k), false) => Ok(Some(k)),
+        (None, true) => {
+            log::warn!(
+                "the offset exchange runs WITHOUT authentication (--insecure-no-key): anyone on \
+                 the path can alter the measured offset"
+            );
+            Ok(None)
+        }
+        (None, false) => Err(CliError::bad_input(
+            "the offset exchange is authenticated with the sidecar key, and none is in use",
+        )
+        .with_hint(
+            "give --key FILE (the same key on both hosts) or key_file in the host \
+             configuration; --insecure-no-key runs it unauthenticated",
+        )),
+    }
+}
+
+/// An offset exchange failure as a CLI error (exit 10).
+pub fn peer_error(context: &str, err: &clockcarry::peer::PeerError) -> CliError {
+    CliError::new(Exit::Peer, format!("{context}: {err}"))
+}
+
 /// The exit status and hint for a sidecar that cannot be used.
 pub fn sidecar_error(path: &Path, err: &SidecarError) -> CliError {
     let hint = match err {
@@ -196,6 +235,10 @@ pub fn plan_hint(err: &PlanError) -> Option<&'static str> {
         }
         PlanError::RateMismatch { .. } | PlanError::ScalingUnknown { .. } => Some(
             "restore on a host with the same TSC rate, or one with TSC scaling that reports its ratio",
+        ),
+        PlanError::ClocksDisagree { .. } => Some(
+            "a host clock that claims to be synchronised is not: check its time source; the \
+             measured offset is trusted without --require-sync",
         ),
         PlanError::CaptureInFuture { .. } => {
             Some("the hosts' clocks disagree by more than they admit: check time synchronisation")

@@ -37,6 +37,11 @@ pub enum Exit {
     /// `restore --enforce-kvmclock-error`: applied and verified, but
     /// kvm-clock missed the target; resuming is safe.
     Degraded = 9,
+    /// `capture --peer` / `serve`: the offset exchange with the other host
+    /// failed (unreachable, no answer within the timeout, refused, not
+    /// authenticated, the sidecar refused there). `capture` wrote nothing
+    /// unless the message says so.
+    Peer = 10,
 }
 
 impl Exit {
@@ -57,6 +62,7 @@ impl Exit {
             Exit::NotReady => "not_ready",
             Exit::Busy => "busy",
             Exit::Degraded => "applied_degraded",
+            Exit::Peer => "peer_error",
         }
     }
 }
@@ -83,7 +89,9 @@ EXIT STATUS
     8  busy: another capture or restore of this VM is running; nothing was
        sent to the VM
     9  restore --enforce-kvmclock-error: applied, but kvm-clock missed the
-       target (precision degraded); resuming is safe";
+       target (precision degraded); resuming is safe
+   10  capture --peer, serve: the offset exchange with the other host failed
+       (unreachable, timeout, refused, not authenticated)";
 
 /// A failure of a subcommand: the exit status and what to tell the operator.
 #[derive(Debug)]

@@ -13,6 +13,7 @@ mod logger;
 mod offline;
 mod report;
 mod restore;
+mod serve;
 mod units;
 
 use std::ffi::OsString;
@@ -42,7 +43,9 @@ DESCRIPTION
     offsets and the kvm-clock line from the sidecar and a fresh measurement,
     applies them with one PUT, verifies them and reports what it did.
     `plan`, `inspect` and `check` help rehearse and diagnose;
-    `bench-restore` measures the blackout `restore` adds.
+    `bench-restore` measures the blackout `restore` adds. `serve` on the
+    destination answers `capture --peer`: it measures the two hosts' TAI
+    offset into the sidecar and can receive the sidecar itself.
 
     Logs go to stderr on a terminal and to syslog (/dev/log) otherwise.";
 
@@ -109,6 +112,7 @@ enum Command {
     Inspect(inspect::InspectArgs),
     Check(check::CheckArgs),
     BenchRestore(bench::BenchArgs),
+    Serve(serve::ServeArgs),
     /// The libvirt QEMU hook: install | uninstall | hook | resync (see docs/libvirt.md).
     #[command(disable_help_flag = true)]
     Libvirt {
@@ -301,6 +305,7 @@ pub fn run(args: Vec<OsString>) -> ExitCode {
         Command::Inspect(a) => inspect::run(&a),
         Command::Check(a) => check::run(&a),
         Command::BenchRestore(a) => bench::run(&a),
+        Command::Serve(a) => serve::run(&a),
         Command::Libvirt { args } => return libvirt_command(&args),
     };
     match result {
