@@ -1,0 +1,475 @@
+//! One (scenario, mode) run on both hosts. A leads every step over the
+//! control connection; B answers. Message order of a run:
+//!
+//! A `run` -> clocks (sync, B's step) -> true clock offset -> B `ready`
+//! (destination VMM up, receiver listening) -> A captures (clockcarry modes)
+//! and sends the sidecar -> live: send-migration / snapshot: snapshot, wait,
+//! the snapshot's files -> B restores (clockcarry restore), resumes -> B
+//! `result` (offsets, master clock, restore report) and its probe log.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clockcarry_lab::clock;
+use clockcarry_lab::tscpair::{Pair, Role};
+use clockcarry_refvmm::demo::vmmproc::VmmProcess;
+use serde_json::{json, Value};
+
+use crate::row::{self, Row};
+use crate::vmm::{self, VM_ID};
+use crate::{Ctx, Options};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Clocks {
+    /// As the lab hosts booted: up to a second apart, unsynchronised.
+    AsBooted,
+    /// lab-clock's sync: B set to A's, both marked synchronised.
+    Synced,
+    /// Synced, then B stepped by this many ns, still claiming synchronised.
+    Step(i64),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Live,
+    Snapshot,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct Scenario {
+    pub name: &'static str,
+    pub clocks: Clocks,
+    pub kind: Kind,
+    pub vcpus: u32,
+}
+
+const B_ADDR: &str = "169.254.77.2";
+const SERVE_PORT: u16 = 7702;
+const WARMUP: Duration = Duration::from_millis(1000);
+const AFTER: Duration = Duration::from_millis(1000);
+
+fn io(e: std::io::Error) -> String {
+    format!("control: {e}")
+}
+
+fn clocks_json(c: Clocks) -> Value {
+    match c {
+        Clocks::AsBooted => json!({"as_booted": true}),
+        Clocks::Synced => json!({"synced": true}),
+        Clocks::Step(ns) => json!({"step_ns": ns}),
+    }
+}
+
+fn clocks_from(v: &Value) -> Clocks {
+    if let Some(ns) = v.get("step_ns").and_then(Value::as_i64) {
+        Clocks::Step(ns)
+    } else if v.get("synced").is_some() {
+        Clocks::Synced
+    } else {
+        Clocks::AsBooted
+    }
+}
+
+/// Both sides: set the clocks up, then the true offset (A gets it).
+fn setup_clocks(ctx: &mut Ctx, clocks: Clocks, d: &Pair) -> Result<Option<(i64, u64)>, String> {
+    let lead = ctx.role == Role::A;
+    if clocks != Clocks::AsBooted {
+        clock::sync(&mut ctx.ctl, lead, 16).map_err(io)?;
+    }
+    if let (Clocks::Step(ns), false) = (clocks, lead) {
+        clock::step_ns(ns).map_err(|e| format!("step: {e}"))?;
+    }
+    if clocks != Clocks::AsBooted {
+        remark()?;
+    }
+    clock::true_offset(&mut ctx.ctl, lead, d, ctx.khz).map_err(io)
+}
+
+/// "NTP updated a moment ago": the kernel grows maxerror by 500 us a
+/// second, so each host re-marks itself right before clockcarry reads it.
+fn remark() -> Result<(), String> {
+    clock::mark_synchronised(clock::CLAIMED_MAXERROR_US, clock::CLAIMED_ESTERROR_US)
+        .map_err(|e| format!("adjtimex: {e}"))
+}
+
+fn run_dir(workdir: &Path, scenario: &str, mode: &str) -> Result<PathBuf, String> {
+    let dir = workdir.join(format!("{scenario}-{mode}"));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    Ok(dir)
+}
+
+/// A's side of a run; the checked row.
+pub fn lead(
+    ctx: &mut Ctx,
+    opts: &Options,
+    sc: &Scenario,
+    mode: &str,
+    index: u16,
+    d: &Pair,
+    skip: Option<String>,
+) -> Result<Row, String> {
+    let mut row = Row {
+        env: "lab2",
+        scenario: sc.name.into(),
+        mode: mode.into(),
+        vcpus: sc.vcpus,
+        d_cycles: Some(d.d_cycles),
+        tsc_khz: Some(ctx.khz),
+        ..Row::default()
+    };
+    if let Some(why) = skip {
+        row.skipped = Some(why);
+        row.pass = true;
+        return Ok(row);
+    }
+    let port = 7710u16.saturating_add(index % 200);
+    ctx.ctl
+        .send(
+            &json!({"step": "run", "scenario": sc.name, "mode": mode, "vcpus": sc.vcpus,
+                      "clocks": clocks_json(sc.clocks), "snapshot": sc.kind == Kind::Snapshot,
+                      "port": port}),
+        )
+        .map_err(io)?;
+    eprintln!("lab-xhost: {} / {mode}", sc.name);
+    let injected = setup_clocks(ctx, sc.clocks, d)?;
+    row.injected_offset_ns = injected.map(|o| o.0);
+    let dir = run_dir(&ctx.workdir, sc.name, mode)?;
+    let off_a = source(ctx, opts, sc, mode, port, &dir)?;
+    let result = ctx.ctl.expect("result").map_err(io)?;
+    ctx.ctl.recv_file(&dir.join("dst.jsonl")).map_err(io)?;
+    fill(&mut row, ctx, &dir, &off_a, &result, d);
+    let step = matches!(sc.clocks, Clocks::Step(_));
+    row.failed_checks = row::check(&row, step);
+    row.pass = row.failed_checks.is_empty();
+    Ok(row)
+}
+
+fn fill(row: &mut Row, ctx: &Ctx, dir: &Path, off_a: &[i64], result: &Value, d: &Pair) {
+    let off_b: Vec<i64> = result
+        .get("offsets")
+        .and_then(Value::as_array)
+        .map(|a| a.iter().filter_map(Value::as_i64).collect())
+        .unwrap_or_default();
+    if let Some(e) = result.get("failure").and_then(Value::as_str) {
+        row.error = Some(format!("host B: {e}"));
+        return;
+    }
+    row.master_clock = result.get("master_clock").and_then(Value::as_bool);
+    row.error_bound_ns = result
+        .pointer("/restore/summary/error_bound/total_ns")
+        .and_then(Value::as_u64);
+    row.plan_mode = result
+        .pointer("/restore/summary/mode")
+        .and_then(Value::as_str)
+        .map(str::to_string);
+    row.restore_kvmclock_error_ns = result
+        .pointer("/restore/kvmclock/vmm_error_ns")
+        .and_then(Value::as_i64);
+    let half_ns = clockcarry::host::cycles_to_ns_ceil(d.half_width_cycles(), ctx.khz);
+    row.truth_bound_ns = half_ns;
+    if let Ok(text) = std::fs::read_to_string(dir.join("sidecar.json")) {
+        if let Some(est) = serde_json::from_str::<Value>(&text)
+            .ok()
+            .as_ref()
+            .and_then(|v| vmm::find_key(v, "offset_estimate"))
+        {
+            row.offset_estimate_ns = est.get("offset_ns").and_then(Value::as_i64);
+            row.offset_bound_ns = est.get("bound_ns").and_then(Value::as_u64);
+        }
+    }
+    if off_b.len() != off_a.len() {
+        row.error = Some(format!(
+            "{} offsets on A, {} on B",
+            off_a.len(),
+            off_b.len()
+        ));
+        return;
+    }
+    row::fill_tsc_error(row, off_a, &off_b, d.d_cycles, ctx.khz);
+    if let Err(e) = row::fill_from_logs(
+        row,
+        &dir.join("src.jsonl"),
+        &dir.join("dst.jsonl"),
+        (off_a, &off_b),
+        d.d_cycles,
+        ctx.khz,
+    ) {
+        row.error = Some(e);
+    }
+}
+
+/// A: the source VM, capture, migration or snapshot; A's offsets.
+fn source(
+    ctx: &mut Ctx,
+    opts: &Options,
+    sc: &Scenario,
+    mode: &str,
+    port: u16,
+    dir: &Path,
+) -> Result<Vec<i64>, String> {
+    ctx.ctl.expect("ready").map_err(io)?;
+    let mut extra = vec![
+        "--kernel".into(),
+        "probe".into(),
+        "--cpus".into(),
+        sc.vcpus.to_string(),
+        "--boot-tsc-s".into(),
+        vmm::BOOT_TSC_S.to_string(),
+    ];
+    if sc.kind == Kind::Live {
+        extra.extend([
+            "--migration-delay-ms".into(),
+            opts.migration_delay_ms.to_string(),
+        ]);
+    }
+    let mut src = vmm::start(&ctx.tools, dir, "src", mode, &extra)?;
+    std::thread::sleep(WARMUP);
+    let pid = vmm::pid(&src)?;
+    if sc.clocks != Clocks::AsBooted {
+        remark()?;
+    }
+    if mode != "stock" {
+        capture(ctx, &src, mode, dir)?;
+        ctx.ctl
+            .send_file("sidecar", &dir.join("sidecar.json"))
+            .map_err(io)?;
+    }
+    let off_a = vmm::debugfs_offsets(pid, sc.vcpus)?;
+    match sc.kind {
+        Kind::Live => {
+            let url = format!("tcp:{B_ADDR}:{port}");
+            src.ok(
+                "PUT",
+                "vm.send-migration",
+                Some(&json!({"destination_url": url}).to_string()),
+            )?;
+            if !src.wait_exit(Duration::from_secs(60)) {
+                return Err("src: still running 60 s after send-migration".into());
+            }
+        }
+        Kind::Snapshot => {
+            let snap = dir.join("snapshot");
+            src.ok("PUT", "vm.pause", None)?;
+            let url = format!("file://{}", snap.display());
+            src.ok(
+                "PUT",
+                "vm.snapshot",
+                Some(&json!({"destination_url": url}).to_string()),
+            )?;
+            src.shutdown();
+            std::thread::sleep(Duration::from_millis(opts.snapshot_wait_ms));
+            send_dir(ctx, &snap)?;
+        }
+    }
+    Ok(off_a)
+}
+
+fn capture(ctx: &Ctx, src: &VmmProcess, mode: &str, dir: &Path) -> Result<(), String> {
+    let socket = src.socket.display().to_string();
+    let out = dir.join("sidecar.json").display().to_string();
+    let peer = format!("{B_ADDR}:{SERVE_PORT}");
+    let mut args = vec![
+        "capture",
+        "--api-socket",
+        &socket,
+        "--vm",
+        VM_ID,
+        "-o",
+        &out,
+    ];
+    if mode == "clockcarry-measured" {
+        args.extend(["--peer", &peer]);
+        if vmm::capture_has(&ctx.tools, "--insecure-no-key") {
+            args.push("--insecure-no-key");
+        }
+    }
+    vmm::clockcarry(&ctx.tools, &args).map(|_| ())
+}
+
+fn send_dir(ctx: &mut Ctx, dir: &Path) -> Result<(), String> {
+    let mut names = Vec::new();
+    for e in std::fs::read_dir(dir).map_err(|e| format!("{}: {e}", dir.display()))? {
+        let e = e.map_err(|e| e.to_string())?;
+        if e.file_type().map_err(|e| e.to_string())?.is_file() {
+            names.push(e.file_name().to_string_lossy().into_owned());
+        }
+    }
+    ctx.ctl
+        .send(&json!({"step": "snapshot", "files": names}))
+        .map_err(io)?;
+    for n in &names {
+        ctx.ctl.send_file(n, &dir.join(n)).map_err(io)?;
+    }
+    Ok(())
+}
+
+/// B's side of a run.
+pub fn follow(ctx: &mut Ctx, msg: &Value, d: &Pair) -> Result<(), String> {
+    let scenario = msg
+        .get("scenario")
+        .and_then(Value::as_str)
+        .unwrap_or("?")
+        .to_string();
+    let mode = msg
+        .get("mode")
+        .and_then(Value::as_str)
+        .unwrap_or("stock")
+        .to_string();
+    let vcpus = msg
+        .get("vcpus")
+        .and_then(Value::as_u64)
+        .and_then(|v| u32::try_from(v).ok())
+        .unwrap_or(1);
+    let clocks = clocks_from(msg.get("clocks").unwrap_or(&Value::Null));
+    let snapshot = msg
+        .get("snapshot")
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
+    let port = msg
+        .get("port")
+        .and_then(Value::as_u64)
+        .and_then(|p| u16::try_from(p).ok())
+        .ok_or("run without a port")?;
+    setup_clocks(ctx, clocks, d)?;
+    let dir = run_dir(&ctx.workdir, &scenario, &mode)?;
+    let outcome = destination(ctx, &mode, vcpus, clocks, snapshot, port, &dir);
+    let reply = match &outcome {
+        Ok(v) => v.clone(),
+        Err(e) => json!({"step": "result", "failure": e}),
+    };
+    ctx.ctl.send(&reply).map_err(io)?;
+    let log = dir.join("dst.jsonl");
+    if !log.exists() {
+        std::fs::write(&log, b"").map_err(|e| e.to_string())?;
+    }
+    ctx.ctl.send_file("dst.jsonl", &log).map_err(io)
+}
+
+struct Serve(Option<std::process::Child>);
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        if let Some(c) = &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn destination(
+    ctx: &mut Ctx,
+    mode: &str,
+    vcpus: u32,
+    clocks: Clocks,
+    snapshot: bool,
+    port: u16,
+    dir: &Path,
+) -> Result<Value, String> {
+    let dst = vmm::start(&ctx.tools, dir, "dst", mode, &[])?;
+    let _serve = Serve(if mode == "clockcarry-measured" {
+        let listen = format!("{B_ADDR}:{SERVE_PORT}");
+        let child = std::process::Command::new(&ctx.tools.clockcarry)
+            .args([
+                "--log-target",
+                "stderr",
+                "serve",
+                "--listen",
+                &listen,
+                "--insecure-no-key",
+                "--once",
+            ])
+            .stdin(std::process::Stdio::null())
+            .spawn()
+            .map_err(|e| format!("clockcarry serve: {e}"))?;
+        if !vmm::wait_listening(SERVE_PORT, Duration::from_secs(20)) {
+            return Err("clockcarry serve does not listen".into());
+        }
+        Some(child)
+    } else {
+        None
+    });
+    let resume = mode == "stock";
+    let receive = if snapshot {
+        None
+    } else {
+        let socket = dst.socket.clone();
+        let body =
+            json!({"receiver_url": format!("tcp:{B_ADDR}:{port}"), "resume": resume}).to_string();
+        let h = std::thread::spawn(move || {
+            clockcarry_refvmm::http::request(
+                &socket,
+                "PUT",
+                "/api/v1/vm.receive-migration",
+                Some(&body),
+                Duration::from_secs(120),
+            )
+        });
+        if !vmm::wait_listening(port, Duration::from_secs(20)) {
+            return Err(format!("the receiver does not listen on {port}"));
+        }
+        Some(h)
+    };
+    ctx.ctl.send(&json!({"step": "ready"})).map_err(io)?;
+    if mode != "stock" {
+        ctx.ctl.recv_file(&dir.join("sidecar.json")).map_err(io)?;
+    }
+    match receive {
+        Some(h) => {
+            let r = h
+                .join()
+                .map_err(|_| "receive thread panicked".to_string())?
+                .map_err(|e| format!("receive-migration: {e}"))?;
+            if r.status != 204 {
+                return Err(format!("receive-migration: HTTP {} {}", r.status, r.body));
+            }
+        }
+        None => restore_snapshot(ctx, &dst, dir)?,
+    }
+    let mut report = Value::Null;
+    if mode != "stock" {
+        if clocks != Clocks::AsBooted {
+            remark()?;
+        }
+        let socket = dst.socket.display().to_string();
+        let input = dir.join("sidecar.json").display().to_string();
+        let out = vmm::clockcarry(
+            &ctx.tools,
+            &["restore", "--api-socket", &socket, "-i", &input, "--json"],
+        )?;
+        report = serde_json::from_str(&out).map_err(|e| format!("restore --json: {e}"))?;
+    }
+    if mode != "stock" || snapshot {
+        dst.ok("PUT", "vm.resume", None)?;
+    }
+    std::thread::sleep(AFTER);
+    let offsets = vmm::debugfs_offsets(vmm::pid(&dst)?, vcpus)?;
+    let master = vmm::master_clock(&dst)?;
+    dst.shutdown();
+    Ok(json!({"step": "result", "offsets": offsets, "master_clock": master, "restore": report}))
+}
+
+fn restore_snapshot(ctx: &mut Ctx, dst: &VmmProcess, dir: &Path) -> Result<(), String> {
+    let msg = ctx.ctl.expect("snapshot").map_err(io)?;
+    let snap = dir.join("snapshot");
+    std::fs::create_dir_all(&snap).map_err(|e| e.to_string())?;
+    let files = msg
+        .get("files")
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default();
+    for f in files {
+        let name = f.as_str().unwrap_or("");
+        if name.is_empty() || name.contains('/') || name.starts_with('.') {
+            return Err(format!("snapshot file name {name:?}"));
+        }
+        ctx.ctl.recv_file(&snap.join(name)).map_err(io)?;
+    }
+    let url = format!("file://{}", snap.display());
+    dst.ok(
+        "PUT",
+        "vm.restore",
+        Some(&json!({"source_url": url, "resume": false}).to_string()),
+    )?;
+    Ok(())
+}
