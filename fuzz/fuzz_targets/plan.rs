@@ -270,7 +270,7 @@ struct SourceIn {
     kvmclock: KvmClockIn,
     scaling: ScalingIn,
     caps: CapsIn,
-    offset_estimate: Option<(i64, u64)>,
+    offset_estimate: Option<EstimateIn>,
     /// `None`: what `SidecarBody::new` writes.
     created_by: Option<String>,
 }
@@ -327,7 +327,7 @@ struct DestinationIn {
     scaling: ScalingIn,
     caps: CapsIn,
     vm_id: Option<Text>,
-    offset_estimate: Option<(i64, u64)>,
+    offset_estimate: Option<EstimateIn>,
 }
 
 #[derive(Arbitrary, Debug)]
@@ -342,6 +342,8 @@ struct PolicyIn {
     max_kvmclock_error_ns: u64,
     /// Check the destination VM's own state against the sidecar.
     verify_vm_state: bool,
+    /// `None`: 20 ppm.
+    offset_drift_ppm: Option<u32>,
 }
 
 #[derive(Arbitrary, Debug)]
@@ -351,11 +353,36 @@ struct Case {
     policy: PolicyIn,
 }
 
-fn estimate(e: &Option<(i64, u64)>) -> Option<OffsetEstimate> {
-    e.map(|(offset_ns, bound_ns)| OffsetEstimate {
-        offset_ns,
-        bound_ns,
+/// A measured inter-host offset, with the optional measurement fields.
+#[derive(Arbitrary, Debug, Clone, Copy)]
+struct EstimateIn {
+    offset_ns: i64,
+    bound_ns: u64,
+    measured_tai_ns: Option<u64>,
+    rounds: Option<u32>,
+    best_delay_ns: Option<u64>,
+}
+
+fn estimate(e: &Option<EstimateIn>) -> Option<OffsetEstimate> {
+    e.map(|e| OffsetEstimate {
+        offset_ns: e.offset_ns,
+        bound_ns: e.bound_ns,
+        measured_tai_ns: e.measured_tai_ns,
+        rounds: e.rounds,
+        best_delay_ns: e.best_delay_ns,
     })
+}
+
+/// The drift term the design states: `ppm` of the time from the
+/// measurement to the capture plus from the measurement to the destination
+/// sample (on the source's clock), rounded up; the capture instant when the
+/// estimate does not say when it was measured.
+fn drift_ns(sc: &SidecarBody, dst: &Destination, e: &OffsetEstimate, ppm: u32) -> u64 {
+    let capture = i128::from(sc.capture.tai_ns);
+    let measured = e.measured_tai_ns.map_or(capture, i128::from);
+    let sample = i128::from(dst.sample.tai_ns) - i128::from(e.offset_ns);
+    let span = (sample - measured).unsigned_abs() + (capture - measured).unsigned_abs();
+    sat(span.saturating_mul(u128::from(ppm)).div_ceil(1_000_000))
 }
 
 fn build(case: &Case) -> (SidecarBody, Destination, Policy) {
@@ -589,6 +616,7 @@ fn policy(p: &PolicyIn) -> Policy {
         rate_tolerance_ppm: p.rate_tolerance_ppm.unwrap_or(250),
         max_kvmclock_error_ns: p.max_kvmclock_error_ns,
         verify_vm_state: p.verify_vm_state,
+        offset_drift_ppm: p.offset_drift_ppm.unwrap_or(20),
     }
 }
 
@@ -722,13 +750,36 @@ fn check_plan(sc: &SidecarBody, dst: &Destination, policy: &Policy, p: &Plan) {
     // estimate applies is clear (at most one is given).
     let estimates = [dst.offset_estimate, sc.offset_estimate];
     let given: Vec<&OffsetEstimate> = estimates.iter().flatten().collect();
+    // The estimate that applies (the destination's first), its drift term,
+    // and the agreement of the two hosts' adjtimex figures with it.
+    if let (Some(e), true) = (dst.offset_estimate.or(sc.offset_estimate), uses_tai) {
+        let drift = drift_ns(sc, dst, &e, policy.offset_drift_ppm);
+        assert_eq!(p.error_bound.offset_estimate_ns, e.bound_ns);
+        assert_eq!(p.error_bound.offset_drift_ns, drift, "drift term");
+        let (sq, dq) = (&sc.capture.quality, &dst.sample.quality);
+        let allowed = sq
+            .maxerror_ns
+            .saturating_add(dq.maxerror_ns)
+            .saturating_add(e.bound_ns)
+            .saturating_add(drift);
+        if policy.require_sync && sq.synchronised && dq.synchronised {
+            assert!(
+                e.offset_ns.unsigned_abs() <= allowed,
+                "an offset of {} ns beyond the {allowed} ns both synchronised hosts allow \
+                 accepted under require_sync",
+                e.offset_ns
+            );
+        }
+    }
     if given.len() <= 1 {
         let correction = given.first().map_or(0, |e| i128::from(e.offset_ns));
         let raw = i128::from(dst.sample.tai_ns) - correction - i128::from(sc.capture.tai_ns);
         // Both counters saturate at u64::MAX.
         let clamp = |v: i128| u64::try_from(v).unwrap_or(u64::MAX);
         let clock_ns = match given.first() {
-            Some(e) => e.bound_ns,
+            Some(e) => e
+                .bound_ns
+                .saturating_add(drift_ns(sc, dst, e, policy.offset_drift_ppm)),
             None => sc
                 .capture
                 .quality
@@ -850,6 +901,7 @@ fn check_plan(sc: &SidecarBody, dst: &Destination, policy: &Policy, p: &Plan) {
         b.source_clock_ns,
         b.destination_clock_ns,
         b.offset_estimate_ns,
+        b.offset_drift_ns,
         b.rate_error_ns,
     ];
     assert_eq!(
