@@ -290,3 +290,37 @@ fn an_offset_beyond_64_bits_is_typed() {
     let err = estimate(&[sample([u64::MAX, 0, 0, u64::MAX])]).unwrap_err();
     assert!(matches!(err, EstimateError::OutOfRange { .. }), "{err}");
 }
+
+/// Two rounds of one exchange years apart on the source's clock: the
+/// drift allowance between them would excuse any offset, so the span
+/// itself is refused (found by fuzzing: such rounds gave an estimate
+/// outside one round's interval).
+#[test]
+fn rounds_further_apart_than_one_exchange_are_refused() {
+    let base = 1_764_680_000_000_000_000u64;
+    let near = sample([base, base + 600_000, base + 620_000, base + 700_000]);
+    // A round 85 years later whose interval covers anything.
+    let far_t1 = 490_828_455_401_036u64;
+    let far = sample([far_t1, far_t1 + 1, far_t1 + 2, 2_732_036_169_593_414_300]);
+    let err = estimate(&[near, far]).expect_err("rounds 85 years apart accepted");
+    assert!(
+        matches!(
+            err,
+            EstimateError::TooFarApart {
+                round: 1,
+                best: 0,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert!(err.to_string().contains("stepped"), "{err}");
+    // Rounds a second apart are one exchange.
+    let later = sample([
+        base + 1_000_000_000,
+        base + 1_000_600_000,
+        base + 1_000_620_000,
+        base + 1_000_700_000,
+    ]);
+    estimate(&[near, later]).expect("rounds 1 s apart refused");
+}

@@ -42,6 +42,11 @@ pub const MAX_ROUNDS: u32 = 64;
 /// Most two host clocks' rates may differ within a round, ppm: both at the
 /// kernel's 500 ppm frequency limit, in opposite directions.
 pub const IN_ROUND_DRIFT_PPM: u64 = 1_000;
+/// Longest time, on the source's clock, an exchange's rounds may lie apart:
+/// the rounds of one exchange take milliseconds, and rounds further apart
+/// than this mean the source's clock stepped (or the stamps are not this
+/// exchange's), whatever their intervals say.
+pub const MAX_ROUNDS_SPAN_NS: u64 = 600_000_000_000;
 
 /// One round's four timestamps (CLOCK_TAI, ns) and each host's clock-read
 /// uncertainty (ns).
@@ -91,6 +96,15 @@ pub enum EstimateError {
         best: usize,
         apart_ns: u128,
         allowed_ns: u128,
+    },
+    #[error(
+        "round {round} lies {between_ns} ns from round {best} (the best) on the source's clock, \
+         more than the {MAX_ROUNDS_SPAN_NS} ns one exchange may span: the source's clock stepped"
+    )]
+    TooFarApart {
+        round: usize,
+        best: usize,
+        between_ns: u64,
     },
     #[error("the offset {offset_ns} ns or its bound does not fit in 64 bits")]
     OutOfRange { offset_ns: i128 },
@@ -235,6 +249,13 @@ fn check_overlap(
 ) -> Result<(), EstimateError> {
     let apart_ns = f.offset_ns.abs_diff(kept.offset_ns);
     let between_ns = f.midpoint_src_tai_ns.abs_diff(kept.midpoint_src_tai_ns);
+    if between_ns > MAX_ROUNDS_SPAN_NS {
+        return Err(EstimateError::TooFarApart {
+            round,
+            best,
+            between_ns,
+        });
+    }
     let allowed_ns = u128::from(f.bound_ns)
         .saturating_add(u128::from(kept.bound_ns))
         .saturating_add(ppm_of_ns(u128::from(between_ns), IN_ROUND_DRIFT_PPM));
