@@ -1005,6 +1005,71 @@ fn restore_cross_host_uses_elapsed_time_and_policy() {
     with(&[]).expect(0).stdout_has("cross-host");
 }
 
+/// A cross-host sidecar whose offset was measured 2 s before the capture:
+/// the drift term is `--offset-drift-ppm` of that time and more, and a
+/// value out of range is refused naming the flag.
+#[test]
+fn restore_offset_drift_ppm_sets_the_drift_term() {
+    let s = setup("drift");
+    let mut sc = Sidecar::read_from(Path::new(&s.sidecar), None).expect("read");
+    sc.body.source_host.boot_id = "00000000-1111-2222-3333-444444444444".into();
+    sc.body.source_host.hostname = "elsewhere.example".into();
+    sc.body.offset_estimate = Some(clockcarry::model::OffsetEstimate {
+        offset_ns: 0,
+        bound_ns: 300_000,
+        measured_tai_ns: Some(sc.body.capture.tai_ns - 2_000_000_000),
+        rounds: Some(8),
+        best_delay_ns: Some(600_000),
+    });
+    let p = s.dir.join("measured.json");
+    Sidecar::seal(sc.body, None)
+        .expect("seal")
+        .write_to(&p)
+        .expect("write");
+    let input = p.display().to_string();
+    let drift = |ppm: &str| {
+        let r = run(
+            s.dir.path(),
+            &[
+                "restore",
+                "--api-socket",
+                s.vmm.socket_str(),
+                "-i",
+                &input,
+                "--dry-run",
+                "--json",
+                "--offset-drift-ppm",
+                ppm,
+            ],
+        );
+        r.expect(0);
+        let b = &r.json()["summary"]["error_bound"];
+        assert_eq!(b["offset_estimate_ns"], 300_000, "{b}");
+        b["offset_drift_ns"].as_u64().unwrap_or(u64::MAX)
+    };
+    // 2 s before the capture, and the capture before the restore: at least
+    // 2 x 2 s worth of ppm (measurement -> capture, measurement -> restore).
+    let at_20 = drift("20");
+    assert!((80_000..90_000).contains(&at_20), "20 ppm: {at_20} ns");
+    let at_100 = drift("100");
+    assert!((400_000..450_000).contains(&at_100), "100 ppm: {at_100} ns");
+    assert_eq!(drift("0"), 0);
+    run(
+        s.dir.path(),
+        &[
+            "restore",
+            "--api-socket",
+            s.vmm.socket_str(),
+            "-i",
+            &input,
+            "--offset-drift-ppm",
+            "10001",
+        ],
+    )
+    .expect(2)
+    .stderr_has("--offset-drift-ppm");
+}
+
 // ------------------------------------------------------- inspect / check
 
 #[test]

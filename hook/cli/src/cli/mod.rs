@@ -195,6 +195,12 @@ pub struct PolicyArgs {
     /// know is this VM's, on a VMM that does not load the VM's state.
     #[arg(long)]
     pub skip_vm_check: bool,
+    /// How fast two synchronised hosts' clocks may drift apart, in ppm: the
+    /// bound of a measured offset (capture --peer) grows by this much of the
+    /// time from the measurement to the restore. 0 to 10000.
+    #[arg(long, value_name = "PPM", default_value_t = clockcarry::model::DEFAULT_OFFSET_DRIFT_PPM,
+          value_parser = clap::value_parser!(u32).range(0..=10_000))]
+    pub offset_drift_ppm: u32,
 }
 
 impl PolicyArgs {
@@ -214,6 +220,7 @@ impl PolicyArgs {
             },
             max_kvmclock_error_ns: self.max_kvmclock_error,
             verify_vm_state: !self.skip_vm_check,
+            offset_drift_ppm: self.offset_drift_ppm,
             ..Policy::default()
         }
     }
@@ -247,6 +254,11 @@ impl PolicyArgs {
             v.push("--max-clock-error".into());
             v.push(format!("{ns}ns"));
         }
+        if self.skip_vm_check {
+            v.push("--skip-vm-check".into());
+        }
+        v.push("--offset-drift-ppm".into());
+        v.push(self.offset_drift_ppm.to_string());
         v
     }
 }
