@@ -93,6 +93,8 @@ fn usage() -> ExitCode {
     eprintln!(
         "usage: lab-xhost --role a|b [--peer ADDR] [--only LIST] [--modes LIST]\n\
          \x20                [--migration-delay-ms N] [--snapshot-wait-ms N] [--workdir DIR]\n\
+         \x20                [--key FILE]   (both hosts' sidecar key; without it the exchange\n\
+         \x20                               runs with --insecure-no-key)\n\
          scenarios: {}\nmodes: {}",
         SCENARIOS.map(|s| s.name).join(","),
         MODES.join(",")
@@ -120,6 +122,7 @@ fn main() -> ExitCode {
     let mut tools = vmm::Tools {
         refvmm: next_to_self("clockcarry-refvmm"),
         clockcarry: next_to_self("clockcarry"),
+        key: None,
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -154,6 +157,10 @@ fn main() -> ExitCode {
             }
             "--clockcarry-bin" => {
                 tools.clockcarry = PathBuf::from(&v);
+                true
+            }
+            "--key" => {
+                tools.key = Some(PathBuf::from(&v));
                 true
             }
             _ => false,

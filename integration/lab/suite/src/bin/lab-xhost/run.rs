@@ -269,7 +269,7 @@ fn capture(ctx: &Ctx, src: &VmmProcess, mode: &str, dir: &Path) -> Result<(), St
     let socket = src.socket.display().to_string();
     let out = dir.join("sidecar.json").display().to_string();
     let peer = format!("{B_ADDR}:{SERVE_PORT}");
-    let mut args = vec![
+    let mut args: Vec<String> = [
         "capture",
         "--api-socket",
         &socket,
@@ -277,13 +277,15 @@ fn capture(ctx: &Ctx, src: &VmmProcess, mode: &str, dir: &Path) -> Result<(), St
         VM_ID,
         "-o",
         &out,
-    ];
-    if mode == "clockcarry-measured" {
-        args.extend(["--peer", &peer]);
-        if vmm::capture_has(&ctx.tools, "--insecure-no-key") {
-            args.push("--insecure-no-key");
-        }
+    ]
+    .map(str::to_string)
+    .to_vec();
+    let measured = mode == "clockcarry-measured";
+    if measured {
+        args.extend(["--peer".to_string(), peer]);
     }
+    args.extend(ctx.tools.key_args(measured));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
     vmm::clockcarry(&ctx.tools, &args).map(|_| ())
 }
 
@@ -376,9 +378,9 @@ fn destination(
                 "serve",
                 "--listen",
                 &listen,
-                "--insecure-no-key",
                 "--once",
             ])
+            .args(ctx.tools.key_args(true))
             .stdin(std::process::Stdio::null())
             .spawn()
             .map_err(|e| format!("clockcarry serve: {e}"))?;
@@ -433,10 +435,12 @@ fn destination(
         }
         let socket = dst.socket.display().to_string();
         let input = dir.join("sidecar.json").display().to_string();
-        let out = vmm::clockcarry(
-            &ctx.tools,
-            &["restore", "--api-socket", &socket, "-i", &input, "--json"],
-        )?;
+        let mut args: Vec<String> = ["restore", "--api-socket", &socket, "-i", &input, "--json"]
+            .map(str::to_string)
+            .to_vec();
+        args.extend(ctx.tools.key_args(false));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let out = vmm::clockcarry(&ctx.tools, &args)?;
         report = serde_json::from_str(&out).map_err(|e| format!("restore --json: {e}"))?;
     }
     if mode != "stock" || snapshot {

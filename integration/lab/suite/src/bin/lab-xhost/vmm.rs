@@ -15,6 +15,22 @@ pub const VM_ID: &str = "lab-xhost";
 pub struct Tools {
     pub refvmm: PathBuf,
     pub clockcarry: PathBuf,
+    /// The sidecar key both hosts hold: it seals the sidecar and
+    /// authenticates the offset exchange. `None`: the exchange runs keyless
+    /// (`--insecure-no-key`) and sidecars are unsealed.
+    pub key: Option<PathBuf>,
+}
+
+impl Tools {
+    /// `--key FILE`, or `--insecure-no-key` where `keyless` names the
+    /// flag (the exchange's commands), or nothing.
+    pub fn key_args(&self, keyless: bool) -> Vec<String> {
+        match &self.key {
+            Some(k) => vec!["--key".into(), k.display().to_string()],
+            None if keyless => vec!["--insecure-no-key".into()],
+            None => Vec::new(),
+        }
+    }
 }
 
 /// The probe VM boots with its TSC at an hour (a VM that has been up a
@@ -177,12 +193,4 @@ pub fn find_key<'a>(v: &'a Value, key: &str) -> Option<&'a Value> {
         Value::Array(a) => a.iter().find_map(|x| find_key(x, key)),
         _ => None,
     }
-}
-
-/// Whether `clockcarry capture --help` mentions `flag`.
-pub fn capture_has(tools: &Tools, flag: &str) -> bool {
-    Command::new(&tools.clockcarry)
-        .args(["capture", "--help"])
-        .output()
-        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains(flag))
 }
