@@ -407,10 +407,14 @@ impl Restore<'_> {
             summary.error_bound.kvmclock_ns = k.bound_ns;
         }
         if let (Some(err), Some(k)) = (missed, self.rep.kvmclock.clone()) {
+            let place = if err < 0 {
+                format!("{} below the source line", human_ns(err.unsigned_abs()))
+            } else {
+                format!("{} above the source line", human_ns(err.unsigned_abs()))
+            };
             let text = format!(
-                "PRECISION DEGRADED: kvm-clock is {} off the source line (target {}); the \
+                "PRECISION DEGRADED: kvm-clock is {place} (target: 0 to {} above it); the \
                  kvm-clock bound reported is {}",
-                human_ns_signed(err),
                 human_ns(k.max_error_ns),
                 human_ns(k.bound_ns)
             );
