@@ -142,8 +142,14 @@ fn rounds(data: &[u8]) {
     for s in &samples {
         let lo = i128::from(s.t2_dst_recv_tai_ns) - i128::from(s.t4_src_recv_tai_ns);
         let hi = i128::from(s.t3_dst_send_tai_ns) - i128::from(s.t1_src_send_tai_ns);
-        let slack =
-            i128::from(s.src_read_uncertainty_ns) + i128::from(s.dst_read_uncertainty_ns) + drift;
+        // The clocks' rates within the round (IN_ROUND_DRIFT_PPM of its
+        // round trip) and the halving's rounding widen it too.
+        let rtt = (i128::from(s.t4_src_recv_tai_ns) - i128::from(s.t1_src_send_tai_ns)).max(0);
+        let in_round = (rtt * i128::from(IN_ROUND_DRIFT_PPM) + 999_999) / 1_000_000 + 2;
+        let slack = i128::from(s.src_read_uncertainty_ns)
+            + i128::from(s.dst_read_uncertainty_ns)
+            + drift
+            + in_round;
         let off = i128::from(e.offset_ns);
         let bound = i128::from(e.bound_ns);
         assert!(
