@@ -45,6 +45,9 @@ pub struct Row {
     pub truth_bound_ns: Option<u64>,
     pub offsets_equal: Option<bool>,
     pub plan_mode: Option<String>,
+    /// Whether the restore's plan noted that the measured offset contradicts
+    /// both hosts' adjtimex figures (measured rows only).
+    pub clocks_disagree_noted: Option<bool>,
     pub restore_kvmclock_error_ns: Option<i64>,
     pub d_cycles: Option<i64>,
     pub tsc_khz: Option<u32>,
@@ -186,6 +189,13 @@ pub fn check(row: &Row, injected_step: bool) -> Vec<String> {
             Some(b) if b <= OFFSET_BOUND_LIMIT_NS => {}
             b => failed.push(format!("offset_bound_ns <= 1 ms: {b:?}")),
         }
+    }
+    if measured && injected_step && row.clocks_disagree_noted != Some(true) {
+        failed.push(
+            "the plan notes that the measured offset contradicts both hosts' claim to be \
+             synchronised"
+                .into(),
+        );
     }
     if measured || !injected_step {
         if err.unsigned_abs() > bound {
