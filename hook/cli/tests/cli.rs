@@ -942,11 +942,21 @@ fn restore_says_loudly_when_offsets_are_inert() {
 /// A sidecar from "another host": the same capture resealed with another
 /// boot id and hostname.
 fn cross_host_sidecar(s: &Setup) -> String {
+    cross_host_sidecar_with(s, "cross.json", |_| {})
+}
+
+/// The same, with `edit` applied to the body before it is resealed to `name`.
+fn cross_host_sidecar_with(
+    s: &Setup,
+    name: &str,
+    edit: impl FnOnce(&mut clockcarry::sidecar::SidecarBody),
+) -> String {
     let mut sc = Sidecar::read_from(Path::new(&s.sidecar), None).expect("read");
     sc.body.source_host.boot_id = "00000000-1111-2222-3333-444444444444".into();
     sc.body.source_host.hostname = "elsewhere.example".into();
+    edit(&mut sc.body);
     let sealed = Sidecar::seal(sc.body, None).expect("seal");
-    let p = s.dir.join("cross.json");
+    let p = s.dir.join(name);
     sealed.write_to(&p).expect("write");
     p.display().to_string()
 }
@@ -1011,22 +1021,15 @@ fn restore_cross_host_uses_elapsed_time_and_policy() {
 #[test]
 fn restore_offset_drift_ppm_sets_the_drift_term() {
     let s = setup("drift");
-    let mut sc = Sidecar::read_from(Path::new(&s.sidecar), None).expect("read");
-    sc.body.source_host.boot_id = "00000000-1111-2222-3333-444444444444".into();
-    sc.body.source_host.hostname = "elsewhere.example".into();
-    sc.body.offset_estimate = Some(clockcarry::model::OffsetEstimate {
-        offset_ns: 0,
-        bound_ns: 300_000,
-        measured_tai_ns: Some(sc.body.capture.tai_ns - 2_000_000_000),
-        rounds: Some(8),
-        best_delay_ns: Some(600_000),
+    let input = cross_host_sidecar_with(&s, "measured.json", |body| {
+        body.offset_estimate = Some(clockcarry::model::OffsetEstimate {
+            offset_ns: 0,
+            bound_ns: 300_000,
+            measured_tai_ns: Some(body.capture.tai_ns - 2_000_000_000),
+            rounds: Some(8),
+            best_delay_ns: Some(600_000),
+        });
     });
-    let p = s.dir.join("measured.json");
-    Sidecar::seal(sc.body, None)
-        .expect("seal")
-        .write_to(&p)
-        .expect("write");
-    let input = p.display().to_string();
     let drift = |ppm: &str| {
         let r = run(
             s.dir.path(),
