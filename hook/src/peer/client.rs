@@ -123,9 +123,11 @@ impl PeerClient {
             });
         }
         let mut samples = Vec::new();
+        let realtime = super::sched::enter_logged("source");
         for round in 0..rounds {
             samples.push(self.round(round)?);
         }
+        drop(realtime);
         let e = estimate(&samples)?;
         Ok((samples, e))
     }

@@ -10,6 +10,7 @@
 
 pub mod client;
 pub mod estimate;
+pub mod sched;
 pub mod server;
 pub mod wire;
 
