@@ -17,9 +17,10 @@ use clockcarry::model::{
     Capabilities, ClockQuality, HostIdentity, HostSample, KvmClockSample, LeapPending, RunState,
     TscFlags, VcpuOffset, VmClock,
 };
+use clockcarry::peer::estimate::MAX_ROUNDS;
 use clockcarry::peer::wire::{Body, Conn, Session, MAX_MESSAGE_BYTES};
 use clockcarry::peer::{
-    serve_one, ClientOptions, PeerClient, PeerError, ServerOptions, SessionReport,
+    serve_one, ClientOptions, PeerClient, PeerError, RoundPlan, ServerOptions, SessionReport,
 };
 use clockcarry::sidecar::{Sidecar, SidecarBody, SidecarKey};
 use proxy::{Action, Proxy};
@@ -121,6 +122,87 @@ fn a_delayed_round_is_outvoted() {
     assert!(slow.delay_ns >= 300_000_000, "{slow:?}");
     assert!(e.best_delay_ns < 100_000_000, "{e:?}");
     assert!(e.offset_ns.unsigned_abs() <= e.bound_ns, "{e:?}");
+}
+
+/// The first ten answers held 20 ms (a busy stretch of the network): a
+/// fixed four rounds all fall in it, the adaptive plan waits it out and
+/// stops as soon as its goal is met.
+#[test]
+fn a_slow_stretch_is_waited_out_until_the_goal() {
+    let slow_answers = |to_server: bool, idx: usize, _: &[u8]| {
+        if !to_server && (1..=10).contains(&idx) {
+            Action::Delay(Duration::from_millis(20))
+        } else {
+            Action::Forward
+        }
+    };
+    let (addr, _rx) = server(server_opts(key(KEY_A)), 2);
+    let p = Proxy::start(addr, Arc::new(slow_answers));
+    let mut c = PeerClient::connect(&p.addr.to_string(), &client_opts(key(KEY_A))).unwrap();
+    let (_, fixed) = c.measure(4).unwrap();
+    c.finish().unwrap();
+    assert!(fixed.bound_ns >= 10_000_000, "{fixed:?}");
+
+    let p = Proxy::start(addr, Arc::new(slow_answers));
+    let mut c = PeerClient::connect(&p.addr.to_string(), &client_opts(key(KEY_A))).unwrap();
+    let plan = RoundPlan {
+        min_rounds: 4,
+        max_rounds: 64,
+        goal_bound_ns: 5_000_000,
+        spacing: Duration::from_millis(1),
+    };
+    let (samples, e) = c.measure_until(&plan).unwrap();
+    c.finish().unwrap();
+    assert!(e.bound_ns <= 5_000_000, "{e:?}");
+    assert!(e.offset_ns.unsigned_abs() <= e.bound_ns, "{e:?}");
+    // Rounds 0 to 9 were slow; the plan stopped at the first fast one
+    // that met the goal, not at its maximum.
+    assert!(
+        samples.len() > 10 && samples.len() < 64,
+        "{} rounds",
+        samples.len()
+    );
+    assert_eq!(e.rounds as usize, samples.len());
+    let last = samples[samples.len() - 1].figures().unwrap();
+    assert!(last.bound_ns <= 5_000_000, "{last:?}");
+}
+
+/// A goal no round can meet: exactly `max_rounds`, and the destination
+/// answered each of them.
+#[test]
+fn an_unmet_goal_stops_at_the_maximum() {
+    let (addr, rx) = server(server_opts(key(KEY_A)), 1);
+    let mut c = PeerClient::connect(&addr.to_string(), &client_opts(key(KEY_A))).unwrap();
+    let plan = RoundPlan {
+        min_rounds: 2,
+        max_rounds: 9,
+        goal_bound_ns: 0,
+        spacing: Duration::ZERO,
+    };
+    let (samples, e) = c.measure_until(&plan).unwrap();
+    c.finish().unwrap();
+    assert_eq!((samples.len(), e.rounds), (9, 9));
+    assert_eq!(served(&rx).unwrap().rounds, 9);
+}
+
+#[test]
+fn a_plan_outside_the_limits_is_refused_before_any_round() {
+    let (addr, _rx) = server(server_opts(key(KEY_A)), 1);
+    let mut c = PeerClient::connect(&addr.to_string(), &client_opts(key(KEY_A))).unwrap();
+    for (min_rounds, max_rounds) in [(0, 4), (5, 4), (1, MAX_ROUNDS + 1)] {
+        let plan = RoundPlan {
+            min_rounds,
+            max_rounds,
+            goal_bound_ns: 0,
+            spacing: Duration::ZERO,
+        };
+        let err = c.measure_until(&plan).unwrap_err();
+        assert!(matches!(err, PeerError::Protocol { .. }), "{err}");
+    }
+    // Nothing was sent: the session is still at round 0.
+    let (_, e) = c.measure(1).unwrap();
+    assert_eq!(e.rounds, 1);
+    c.finish().unwrap();
 }
 
 #[test]

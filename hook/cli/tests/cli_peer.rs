@@ -306,7 +306,14 @@ fn peer_arguments_are_validated_naming_the_argument() {
     let ka = s(&st.key_a);
     for (args, name) in [
         (vec!["--peer-rounds", "0"], "--peer-rounds"),
-        (vec!["--peer-rounds", "65"], "--peer-rounds"),
+        (vec!["--peer-rounds", "257"], "--peer-rounds"),
+        (vec!["--peer-max-rounds", "257"], "--peer-max-rounds"),
+        (
+            vec!["--peer-rounds", "9", "--peer-max-rounds", "8"],
+            "--peer-max-rounds",
+        ),
+        (vec!["--peer-goal", "0ns"], "--peer-goal"),
+        (vec!["--peer-goal", "2s"], "--peer-goal"),
         (vec!["--peer-timeout", "5"], "--peer-timeout"),
     ] {
         let mut a = vec!["--key", ka.as_str()];

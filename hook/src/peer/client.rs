@@ -21,6 +21,54 @@ pub struct ClientOptions {
     pub key: Option<SidecarKey>,
 }
 
+/// How many rounds an exchange runs. A shared or busy network delays some
+/// rounds by whole scheduler slices; spaced rounds sample other moments,
+/// and the bound is half the best round trip, so more rounds only tighten
+/// it. On a quiet LAN the goal is met within `min_rounds`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RoundPlan {
+    /// Rounds always run, back to back (at least 1).
+    pub min_rounds: u32,
+    /// Rounds run at most (`min_rounds` to [`MAX_ROUNDS`]).
+    pub max_rounds: u32,
+    /// Past `min_rounds`, stop as soon as the bound is at most this, ns.
+    pub goal_bound_ns: u64,
+    /// The pause before each round past `min_rounds`.
+    pub spacing: Duration,
+}
+
+/// The pause between the extra rounds of a [`RoundPlan`] by default.
+pub const DEFAULT_SPACING: Duration = Duration::from_millis(2);
+
+impl RoundPlan {
+    /// Exactly `rounds` rounds.
+    pub fn fixed(rounds: u32) -> RoundPlan {
+        RoundPlan {
+            min_rounds: rounds,
+            max_rounds: rounds,
+            goal_bound_ns: u64::MAX,
+            spacing: Duration::ZERO,
+        }
+    }
+
+    fn check(&self) -> Result<(), PeerError> {
+        let bad = |reason: String| Err(PeerError::Protocol { reason });
+        if self.min_rounds == 0 || self.min_rounds > MAX_ROUNDS {
+            return bad(format!(
+                "{} rounds: an exchange has 1 to {MAX_ROUNDS}",
+                self.min_rounds
+            ));
+        }
+        if self.max_rounds < self.min_rounds || self.max_rounds > MAX_ROUNDS {
+            return bad(format!(
+                "at most {} rounds: give {} to {MAX_ROUNDS} (not fewer than the rounds always run)",
+                self.max_rounds, self.min_rounds
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// An open, authenticated session with the destination.
 #[derive(Debug)]
 pub struct PeerClient {
@@ -115,20 +163,35 @@ impl PeerClient {
         self.session.open(&answer)
     }
 
-    /// `rounds` measurement rounds (1 to [`MAX_ROUNDS`]) and their estimate.
+    /// Exactly `rounds` measurement rounds (1 to [`MAX_ROUNDS`]) and their
+    /// estimate.
     pub fn measure(&mut self, rounds: u32) -> Result<(Vec<Sample>, Estimate), PeerError> {
-        if rounds == 0 || rounds > MAX_ROUNDS {
-            return Err(PeerError::Protocol {
-                reason: format!("{rounds} rounds: an exchange has 1 to {MAX_ROUNDS}"),
-            });
-        }
+        self.measure_until(&RoundPlan::fixed(rounds))
+    }
+
+    /// The rounds `plan` asks for and their estimate: `min_rounds` back to
+    /// back, then one more every `spacing` while the estimate's bound is
+    /// above `goal_bound_ns`, up to `max_rounds`. Every estimate along the
+    /// way is checked whole, so a clock stepped at any round is refused.
+    pub fn measure_until(
+        &mut self,
+        plan: &RoundPlan,
+    ) -> Result<(Vec<Sample>, Estimate), PeerError> {
+        plan.check()?;
         let mut samples = Vec::new();
         let realtime = super::sched::enter_logged("source");
-        for round in 0..rounds {
+        for round in 0..plan.min_rounds {
             samples.push(self.round(round)?);
         }
+        let mut e = estimate(&samples)?;
+        let mut round = plan.min_rounds;
+        while e.bound_ns > plan.goal_bound_ns && round < plan.max_rounds {
+            std::thread::sleep(plan.spacing);
+            samples.push(self.round(round)?);
+            e = estimate(&samples)?;
+            round = round.saturating_add(1);
+        }
         drop(realtime);
-        let e = estimate(&samples)?;
         Ok((samples, e))
     }
 

@@ -17,7 +17,7 @@ pub mod wire;
 use std::io;
 use std::path::PathBuf;
 
-pub use client::{ClientOptions, PeerClient};
+pub use client::{ClientOptions, PeerClient, RoundPlan};
 pub use estimate::{estimate, Estimate, EstimateError, Sample, SampleError};
 pub use server::{serve_one, ServerOptions, SessionReport, StoredSidecar};
 

@@ -49,7 +49,9 @@ DESCRIPTION
     the two hosts' CLOCK_TAI offset is measured just before the sidecar is
     sealed: --peer-rounds request/answer rounds (default 8), the one with
     the shortest round trip kept, its bound half that round trip plus the
-    clock reads. The estimate goes into the sidecar's offset_estimate
+    clock reads; past those, one more round every 2 ms while the bound is
+    above --peer-goal (default 100us), up to --peer-max-rounds (default 64).
+    The estimate goes into the sidecar's offset_estimate
     (sealed with the rest); restore then corrects by it instead of trusting
     both hosts' clocks. --send-sidecar also sends the sealed sidecar to the
     destination, which validates and stores it in its state directory (no
@@ -104,10 +106,19 @@ pub struct PeerArgs {
     /// Measure the TAI offset to the destination's `clockcarry serve` at HOST:PORT.
     #[arg(long, value_name = "HOST:PORT", value_parser = parse_peer)]
     peer: Option<String>,
-    /// Rounds of the measurement, 1 to 64.
+    /// Rounds of the measurement always run, back to back, 1 to 256.
     #[arg(long, value_name = "N", default_value_t = clockcarry::peer::estimate::DEFAULT_ROUNDS,
-          value_parser = clap::value_parser!(u32).range(1..=64), requires = "peer")]
+          value_parser = clap::value_parser!(u32).range(1..=256), requires = "peer")]
     peer_rounds: u32,
+    /// Rounds run at most: past --peer-rounds, one more every 2 ms while the
+    /// bound is above --peer-goal, --peer-rounds to 256.
+    #[arg(long, value_name = "N", default_value_t = clockcarry::peer::estimate::DEFAULT_MAX_ROUNDS,
+          value_parser = clap::value_parser!(u32).range(1..=256), requires = "peer")]
+    peer_max_rounds: u32,
+    /// The offset bound at which the measurement stops adding rounds.
+    #[arg(long, value_name = "DUR", default_value = "100us",
+          value_parser = parse_goal, requires = "peer")]
+    peer_goal: u64,
     /// Also send the sealed sidecar to the destination, which stores it.
     #[arg(long, requires = "peer")]
     send_sidecar: bool,
@@ -119,6 +130,15 @@ pub struct PeerArgs {
     /// host configuration names a key.
     #[arg(long, requires = "peer", conflicts_with = "key")]
     insecure_no_key: bool,
+}
+
+/// A bound goal of 1 ns to 1 s.
+fn parse_goal(s: &str) -> Result<u64, String> {
+    let ns = super::units::parse_duration_ns(s)?;
+    if !(1..=1_000_000_000).contains(&ns) {
+        return Err(format!("{s:?}: give 1ns to 1s"));
+    }
+    Ok(ns)
 }
 
 /// `HOST:PORT` with a port of 1 to 65535 (resolved when used).
@@ -319,6 +339,12 @@ fn measure(
     args: &PeerArgs,
     key: Option<clockcarry::sidecar::SidecarKey>,
 ) -> CliResult<(clockcarry::peer::PeerClient, Measured)> {
+    if args.peer_max_rounds < args.peer_rounds {
+        return Err(CliError::bad_input(format!(
+            "--peer-max-rounds {} is fewer than --peer-rounds {}",
+            args.peer_max_rounds, args.peer_rounds
+        )));
+    }
     let timeout = std::time::Duration::from_nanos(args.peer_timeout);
     let opts = clockcarry::peer::ClientOptions {
         connect_timeout: timeout,
@@ -328,8 +354,14 @@ fn measure(
     let context = format!("offset exchange with {addr}; no sidecar written");
     let mut client = clockcarry::peer::PeerClient::connect(addr, &opts)
         .map_err(|e| common::peer_error(&context, &e))?;
+    let plan = clockcarry::peer::RoundPlan {
+        min_rounds: args.peer_rounds,
+        max_rounds: args.peer_max_rounds,
+        goal_bound_ns: args.peer_goal,
+        spacing: clockcarry::peer::client::DEFAULT_SPACING,
+    };
     let (_, estimate) = client
-        .measure(args.peer_rounds)
+        .measure_until(&plan)
         .map_err(|e| common::peer_error(&context, &e))?;
     log::info!(
         "offset to {addr}: {} ns ± {} ns (best round trip {} ns of {} rounds)",

@@ -34,6 +34,9 @@ pub struct Row {
     /// The sidecar's measured inter-host offset and its bound (measured mode).
     pub offset_estimate_ns: Option<i64>,
     pub offset_bound_ns: Option<u64>,
+    /// The exchange's rounds and its best round trip (measured mode).
+    pub peer_rounds: Option<u32>,
+    pub best_round_trip_ns: Option<u64>,
     /// True CLOCK_TAI(B) - CLOCK_TAI(A) just before the run (ivshmem truth).
     pub injected_offset_ns: Option<i64>,
     /// B's first kvm-clock minus the source's line at the same guest TSC.
