@@ -355,7 +355,7 @@ fn offset_estimate_measurement_fields_are_optional_and_checked() {
         ),
         (
             OffsetEstimate {
-                rounds: Some(65),
+                rounds: Some(clockcarry::peer::estimate::MAX_ROUNDS + 1),
                 ..measured
             },
             "offset_estimate.rounds",
