@@ -261,6 +261,7 @@ fn lead(ctx: &mut Ctx, opts: &Options) -> Result<usize, String> {
         d_start.d_cycles, d_start.width_cycles, ctx.khz
     );
     let mut failed = 0usize;
+    let mut missed = 0usize;
     let mut index = 0u16;
     for sc in SCENARIOS.iter().filter(|s| {
         opts.only
@@ -273,6 +274,15 @@ fn lead(ctx: &mut Ctx, opts: &Options) -> Result<usize, String> {
                 .then(|| measured.clone().err())
                 .flatten();
             let row = run::lead(ctx, opts, sc, mode, index, &d_start, skip)?;
+            if !row.targets_missed.is_empty() {
+                missed += 1;
+                eprintln!(
+                    "lab-xhost: !!! TARGET MISSED {}/{}: {} !!!",
+                    row.scenario,
+                    row.mode,
+                    row.targets_missed.join("; ")
+                );
+            }
             if !row.pass {
                 failed += 1;
                 eprintln!(
@@ -303,6 +313,12 @@ fn lead(ctx: &mut Ctx, opts: &Options) -> Result<usize, String> {
     if !constant {
         eprintln!("lab-xhost: FAIL: D moved between the start and the end of the run");
         failed += 1;
+    }
+    if missed > 0 {
+        eprintln!(
+            "lab-xhost: !!! {missed} measured row(s) missed the 1 ms offset-bound target (the \
+             lab network's round trips; see the rows' best_round_trip_ns) !!!"
+        );
     }
     Ok(failed)
 }

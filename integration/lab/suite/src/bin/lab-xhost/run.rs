@@ -149,6 +149,7 @@ pub fn lead(
     fill(&mut row, ctx, &dir, &off_a, &result, d);
     let step = matches!(sc.clocks, Clocks::Step(_));
     row.failed_checks = row::check(&row, step);
+    row.targets_missed = row::targets_missed(&row);
     row.pass = row.failed_checks.is_empty();
     Ok(row)
 }
