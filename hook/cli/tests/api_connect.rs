@@ -85,6 +85,7 @@ fn a_listener_that_never_accepts_costs_the_connect_timeout() {
         tsc_khz: None,
         tsc_offsets: vec![1, 2],
         kvmclock: None,
+        arm: None,
     };
     let t = Instant::now();
     let err = client(&path)

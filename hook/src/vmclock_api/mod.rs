@@ -8,8 +8,10 @@
 //! - [`put`]: the `PUT` body ([`ClockPut`]) and its conversions to and from
 //!   the one request form;
 //! - [`reply`]: the typed `PUT` answers ([`PutApplied`], [`PutFailure`]);
+//! - [`arm`]: the armed clock's checks, made by the VMM at apply;
 //! - [`text`]: a VMM's error text, clipped for printing.
 
+pub mod arm;
 pub mod get;
 pub mod put;
 pub mod reply;

@@ -63,6 +63,11 @@ pub struct ClockPut {
     pub tsc_offsets: Vec<i64>,
     /// What to do with kvm-clock (`null`: leave it to the VMM).
     pub kvmclock: Option<KvmClockPut>,
+    /// An armed clock's checks ([`super::arm`]): required in the `clock` of
+    /// `vm.restore` / `vm.receive-migration`, optional in a `PUT vm.clock`
+    /// (checked when present). Absent from the JSON when `None`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub arm: Option<super::arm::ArmCheck>,
 }
 
 impl ClockPut {
@@ -103,6 +108,7 @@ impl ClockPut {
             tsc_khz: request.tsc_khz,
             tsc_offsets: request.tsc_offsets.clone(),
             kvmclock,
+            arm: None,
         }
     }
 }

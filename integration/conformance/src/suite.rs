@@ -855,6 +855,7 @@ fn as_read(base: &VmClock, tsc_khz: Option<u32>, kvmclock: Option<KvmClockPut>) 
         tsc_khz,
         tsc_offsets: base.offsets(),
         kvmclock,
+        arm: None,
     }
 }
 

@@ -71,11 +71,13 @@ fn the_clients_bodies_pass_the_vmms_parsing_and_checks() {
                 realtime: 6,
                 flags: 4,
             })),
+            arm: None,
         },
         ClockPut {
             tsc_khz: None,
             tsc_offsets: vec![7, 7],
             kvmclock: None,
+            arm: None,
         },
     ];
     for sent in bodies {

@@ -517,6 +517,7 @@ impl Restore<'_> {
             tsc_khz: plan.tsc_khz.map(|_| before.tsc_khz),
             tsc_offsets: before.offsets(),
             kvmclock: None,
+            arm: None,
         };
         let restored = client
             .put_vm_clock(&undo)
