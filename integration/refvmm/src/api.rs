@@ -45,6 +45,10 @@ struct RestoreBody {
     source_url: String,
     #[serde(default)]
     resume: bool,
+    /// The armed clock (the extension): applied after the state is loaded,
+    /// before the first vCPU run; its `arm` checks are required.
+    #[serde(default)]
+    clock: Option<ClockPut>,
 }
 
 /// `vm.send-migration` body.
@@ -61,6 +65,9 @@ struct ReceiveBody {
     receiver_url: String,
     #[serde(default)]
     resume: Option<bool>,
+    /// The armed clock, as in [`RestoreBody`].
+    #[serde(default)]
+    clock: Option<ClockPut>,
 }
 
 /// A failed API call: its status and error chain.
@@ -402,19 +409,53 @@ impl Vmm {
             ));
         }
         let mut reader = std::io::BufReader::with_capacity(1 << 20, &mut mem);
-        let mut vm = Vm::restore(
+        let vm = Vm::restore(
             &self.kvm,
             &snap,
             MemorySource::Copy(&mut reader),
             &self.opts,
         )
         .map_err(|e| chain(action, "Cannot restore VM", &e))?;
-        if body.resume {
+        self.finish_restore(vm, action, body.resume, body.clock.as_ref())
+    }
+
+    /// After a restore or a received migration: the armed clock if one
+    /// came (200 with its typed reply; refused or failed: the VM stays
+    /// restored and paused, the typed failure is the answer), then the
+    /// resume if asked (204 without a clock).
+    fn finish_restore(
+        &mut self,
+        mut vm: Vm,
+        action: &str,
+        resume: bool,
+        clock: Option<&ClockPut>,
+    ) -> ApiResult {
+        let applied = match clock {
+            Some(body) => match clockapi::put(&mut vm, clockapi::PutMode::Armed, body, None) {
+                Ok(reply) => Some(reply),
+                Err(e) => {
+                    self.owner = Owner::Owned(Box::new(vm));
+                    return Err(clock_failure(e));
+                }
+            },
+            None => None,
+        };
+        let resumed = if resume {
             vm.resume()
-                .map_err(|e| chain(action, "Cannot resume VM", &e))?;
-        }
+                .map_err(|e| chain(action, "Cannot resume VM", &e))
+        } else {
+            Ok(())
+        };
         self.owner = Owner::Owned(Box::new(vm));
-        Ok(Response::no_content())
+        resumed?;
+        match applied {
+            Some(reply) => {
+                let json =
+                    serde_json::to_string(&reply).map_err(|e| ApiFailure::api(500, action, e))?;
+                Ok(Response::json(200, json))
+            }
+            None => Ok(Response::no_content()),
+        }
     }
 
     fn send(&mut self, body: SendBody) -> ApiResult {
@@ -485,17 +526,13 @@ impl Vmm {
         };
         let answer = restored.as_ref().map(|_| ()).map_err(String::clone);
         let sent = channel.answer(&answer);
-        let mut vm = restored
+        let vm = restored
             .map_err(|e| ApiFailure::api(500, action, format!("Migration was aborted: {e}")))?;
         sent.map_err(|e| ApiFailure::api(500, action, e))?;
         // Complete: resume unless the source was paused (CompletePaused) or
         // the caller asked to stay paused (the extension's resume: false).
-        if !header.snapshot.paused && body.resume.unwrap_or(true) {
-            vm.resume()
-                .map_err(|e| chain(action, "Cannot resume VM", &e))?;
-        }
-        self.owner = Owner::Owned(Box::new(vm));
-        Ok(Response::no_content())
+        let resume = !header.snapshot.paused && body.resume.unwrap_or(true);
+        self.finish_restore(vm, action, resume, body.clock.as_ref())
     }
 
     fn probed(&mut self) -> Option<&ProbedKvm> {
@@ -523,11 +560,20 @@ impl Vmm {
     fn clock_put(&mut self, body: &ClockPut) -> ApiResult {
         let action = CLOCK_PUT_ACTION;
         self.vm_or_404(action)?;
-        let probed = self.probed().cloned();
-        let (Owner::Owned(vm), Some(probed)) = (&mut self.owner, probed) else {
+        // An armed body runs without the full probe (a scratch VM, ms).
+        let probed = match body.arm {
+            Some(_) => None,
+            None => self.probed().cloned(),
+        };
+        let Owner::Owned(vm) = &mut self.owner else {
             return Err(ApiFailure::api(500, action, "VM is not running"));
         };
-        let reply = clockapi::put(vm, &probed, body, self.opts.fault_put).map_err(clock_failure)?;
+        let mode = match &probed {
+            _ if body.arm.is_some() => clockapi::PutMode::Armed,
+            Some(p) => clockapi::PutMode::Probed(p),
+            None => return Err(ApiFailure::api(500, action, "VM is not running")),
+        };
+        let reply = clockapi::put(vm, mode, body, self.opts.fault_put).map_err(clock_failure)?;
         let json = serde_json::to_string(&reply).map_err(|e| ApiFailure::api(500, action, e))?;
         Ok(Response::json(200, json))
     }

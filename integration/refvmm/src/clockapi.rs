@@ -28,6 +28,7 @@ use clockcarry::kvm::{
 };
 use clockcarry::model::{Capabilities, RunState, VmClock, KVM_CLOCK_REALTIME};
 use clockcarry::request::RequestError;
+use clockcarry::vmclock_api::arm::{self, ArmNow};
 use clockcarry::vmclock_api::{PutApplied, PutOutcome, RollbackOutcome};
 use kvm_ioctls::Kvm;
 use serde::Serialize;
@@ -164,20 +165,85 @@ pub fn check_body(body: &ClockPut, vcpus: u32) -> Result<(), ClockApiError> {
     })
 }
 
-/// PUT vm.clock: applies the body through the library. On success the VM
-/// will resume without the baseline's clock. On failure the library has put
-/// the previous offsets back.
+/// How a body is applied: a plain PUT with the process's full probe and
+/// the read-back; an armed one (body `arm`) with only the probe's ioctl-free
+/// part and no read-back, so that inside the blackout only the rate, the
+/// offsets, the kvm-clock line and KVMCLOCK_CTRL run (docs/armed.md).
+pub enum PutMode<'a> {
+    Probed(&'a ProbedKvm),
+    Armed,
+}
+
+/// The armed clock's apply-time checks (`clockcarry::vmclock_api::arm`)
+/// against this host now and the VM's restored state: 400 when refused.
+pub fn check_armed(vm: &Vm, body: &ClockPut) -> Result<ApplyOptions, ClockApiError> {
+    let Some(arm) = &body.arm else {
+        return Err(ClockApiError::BadRequest(
+            "clock.arm: an armed clock carries its checks (planned pair, validity, vCPU count,              capture TSC); plan it with `clockcarry arm`"
+                .into(),
+        ));
+    };
+    let failed = |what: &str, e: &dyn std::fmt::Display| ClockApiError::Failed {
+        message: format!("armed clock: {what}: {e}"),
+        step: None,
+        rollback: None,
+    };
+    let (probe, guest_khz) = vm.with_vcpus(|fd, vcpus| match vcpus.first() {
+        Some(v0) => {
+            let probe = KvmProbe::cheap(fd, v0);
+            let khz = clockcarry::kvm::sys::vcpu_get_tsc_khz(v0);
+            Ok((probe, khz))
+        }
+        None => Err(ClockApiError::BadRequest("the VM has no vCPUs".into())),
+    })?;
+    let guest_khz = guest_khz.map_err(|e| failed("the guest TSC rate", &e))?;
+    let host_khz = match vm.with_vcpus(|fd, _| clockcarry::kvm::sys::vm_get_tsc_khz(fd)) {
+        Ok(khz) => khz,
+        Err(_) => {
+            clockcarry::host::host_tsc_khz()
+                .map_err(|e| failed("the host TSC rate", &e))?
+                .khz
+        }
+    };
+    let now = ArmNow {
+        host_tsc: clockcarry::host::read_host_tsc(),
+        tai_ns: clockcarry::host::tai_now_ns().map_err(|e| failed("CLOCK_TAI", &e))?,
+        host_khz,
+        guest_khz,
+    };
+    arm::check(
+        arm,
+        &body.tsc_offsets,
+        body.tsc_khz,
+        &now,
+        vm.restored_tsc(),
+    )
+    .map_err(|e| ClockApiError::BadRequest(format!("armed clock refused: {e}")))?;
+    Ok(ApplyOptions {
+        read_back: false,
+        ..ApplyOptions::from_probe(&probe)
+    })
+}
+
+/// PUT vm.clock, or the `clock` of vm.restore / vm.receive-migration:
+/// applies the body through the library. On success the VM will resume
+/// without the baseline's clock. On failure the library has put the
+/// previous offsets back; a refused armed body touched nothing.
 pub fn put(
     vm: &mut Vm,
-    probed: &ProbedKvm,
+    mode: PutMode<'_>,
     body: &ClockPut,
     fault: Option<FaultPut>,
 ) -> Result<PutReply, ClockApiError> {
     check_put(vm, body)?;
+    let options = match mode {
+        PutMode::Armed => check_armed(vm, body)?,
+        PutMode::Probed(_) if body.arm.is_some() => check_armed(vm, body)?,
+        PutMode::Probed(probed) => probed.apply_options(),
+    };
     // follow_pvti -> CLOCK_GUEST or the calibrated SET_CLOCK, set_clock ->
     // one raw KVM_SET_CLOCK, null -> no clock call: the library's contract.
     let request = ApplyRequest::from(body);
-    let options = probed.apply_options();
     let result = vm.with_vcpus(|fd, vcpus| {
         let mut ops = FaultyOps {
             inner: KvmOps::new(fd, vcpus),

@@ -133,6 +133,13 @@ pub struct Vm {
     restore_pending: bool,
     /// A vm.clock PUT since the restore: resume applies no clock.
     clock_put: bool,
+    /// Each vCPU's guest TSC as the restored state held it (an armed
+    /// clock's identity and floor check); empty for a booted VM.
+    restored_tsc: Vec<Option<u64>>,
+    /// Host CLOCK_TAI at the last pause and at the last resume (just before
+    /// the vCPUs were released), ns: the blackout as the VMM sees it.
+    paused_tai_ns: Option<u64>,
+    resumed_tai_ns: Option<u64>,
     notes: Vec<String>,
 }
 
@@ -243,6 +250,9 @@ impl Vm {
             saved_clock: None,
             restore_pending: false,
             clock_put: false,
+            restored_tsc: Vec::new(),
+            paused_tai_ns: None,
+            resumed_tai_ns: None,
             notes: Vec::new(),
         })
     }
@@ -310,6 +320,7 @@ impl Vm {
         let mut vm = Vm::assemble(parts, ram, snap.config.clone(), opts, VmState::Paused)?;
         vm.saved_clock = snap.clock;
         vm.restore_pending = true;
+        vm.restored_tsc = snap.vcpus.iter().map(cpu::VcpuState::tsc).collect();
         vm.notes = notes;
         Ok(vm)
     }
@@ -333,6 +344,11 @@ impl Vm {
     /// Restored or received and not run since (a vm.clock PUT is allowed).
     pub fn restore_pending(&self) -> bool {
         self.restore_pending
+    }
+
+    /// Each vCPU's guest TSC in the restored state (empty when booted).
+    pub fn restored_tsc(&self) -> &[Option<u64>] {
+        &self.restored_tsc
     }
 
     /// A vm.clock PUT was applied: resume must not apply a clock.
@@ -370,6 +386,7 @@ impl Vm {
             Ok(saved) => {
                 self.saved_clock = saved;
                 self.state = VmState::Paused;
+                self.paused_tai_ns = Some(stamp::tai_ns());
                 Ok(())
             }
             Err(e) => {
@@ -397,6 +414,7 @@ impl Vm {
         self.restore_pending = false;
         self.clock_put = false;
         self.state = VmState::Running;
+        self.resumed_tai_ns = Some(stamp::tai_ns());
         self.runner.unpark();
         Ok(())
     }
@@ -444,6 +462,8 @@ impl Vm {
                 "clock_extension": self.clock_extension,
                 "restore_pending": self.restore_pending,
                 "clock_put": self.clock_put,
+                "paused_tai_ns": self.paused_tai_ns,
+                "resumed_tai_ns": self.resumed_tai_ns,
                 "probe_reports": self.reports(),
                 "last_debug_port_byte": self.io.last_debug_byte.load(Ordering::Relaxed),
                 "vcpu_errors": self.runner.errors(),

@@ -492,3 +492,94 @@ fn clock_put_failures_are_typed() {
         dst.shutdown();
     }
 }
+
+/// An armed body as `clockcarry arm` would build it for a VM that keeps
+/// its source offsets on this same host (the guest TSC runs on as if never
+/// paused): planned now, captured at `capture_guest_tsc`.
+fn armed_body(offsets: &[i64], capture_guest_tsc: u64, vcpus: u32, valid_for_ns: u64) -> String {
+    serde_json::json!({
+        "tsc_khz": null,
+        "tsc_offsets": offsets,
+        "kvmclock": null,
+        "arm": {
+            "planned_host_tsc": clockcarry::host::read_host_tsc(),
+            "planned_tai_ns": clockcarry::host::tai_now_ns().expect("CLOCK_TAI"),
+            "valid_for_ns": valid_for_ns,
+            "vcpu_count": vcpus,
+            "capture_guest_tsc": capture_guest_tsc,
+            "elapsed_at_plan_ns": 30_000_000_000u64,
+            "error_bound_ns": 0,
+        }
+    })
+    .to_string()
+}
+
+#[test]
+fn armed_restore_applies_before_the_first_run_or_refuses_naming_the_field() {
+    require_kvm!();
+    let dir = tempdir("armed");
+    let src = boot(&dir, "src", &[]);
+    let before = clock(&src);
+    let capture_guest_tsc = clockcarry::host::read_host_tsc()
+        .wrapping_add(before.offsets()[0] as u64)
+        .saturating_sub(1_000_000);
+    let offsets = before.offsets();
+    let url = snapshot(&src, &dir);
+    src.shutdown();
+    let restore = |clock: &str, resume: bool| {
+        format!(r#"{{"source_url":"{url}","resume":{resume},"clock":{clock}}}"#)
+    };
+
+    // Refused (wrong vCPU count): 400, typed, the VM restored and paused,
+    // still open to a (good) armed PUT vm.clock.
+    let dst = start(&dir, "dst", &[]);
+    let bad = armed_body(&offsets, capture_guest_tsc, 3, 60_000_000_000);
+    let (s, b) = call(&dst, "PUT", "vm.restore", Some(&restore(&bad, true)));
+    assert_eq!(s, 400, "{b}");
+    assert!(b.contains("arm.vcpu_count"), "{b}");
+    let typed = parse_put_failure(b.as_bytes()).unwrap_or_else(|| panic!("untyped: {b}"));
+    assert_eq!(typed.outcome, PutOutcome::Refused, "{b}");
+    assert_eq!(state(&dst), "Paused");
+    assert_eq!(info(&dst)["clockcarry"]["restore_pending"], true);
+    let good = armed_body(&offsets, capture_guest_tsc, 2, 60_000_000_000);
+    let (s, b) = call(&dst, "PUT", "vm.clock", Some(&good));
+    assert_eq!(s, 200, "{b}");
+    assert_eq!(call(&dst, "PUT", "vm.resume", None).0, 204);
+    dst.shutdown();
+
+    // Stale, and without its checks: refused the same way.
+    for (clock, field) in [
+        (
+            armed_body(&offsets, capture_guest_tsc, 2, 1),
+            "arm.planned_tai_ns",
+        ),
+        (
+            r#"{"tsc_khz":null,"tsc_offsets":[0,0],"kvmclock":null}"#.to_string(),
+            "clock.arm",
+        ),
+    ] {
+        let dst = start(&dir, "refused", &[]);
+        std::thread::sleep(Duration::from_millis(5));
+        let (s, b) = call(&dst, "PUT", "vm.restore", Some(&restore(&clock, true)));
+        assert_eq!(s, 400, "{b}");
+        assert!(b.contains(field), "{field}: {b}");
+        assert_eq!(state(&dst), "Paused");
+        dst.shutdown();
+    }
+
+    // Applied and resumed in the one call: 200 with the typed reply, no
+    // read-back inside the blackout, the VMM's pause/resume stamps.
+    let dst = start(&dir, "armed", &[]);
+    let good = armed_body(&offsets, capture_guest_tsc, 2, 60_000_000_000);
+    let (s, b) = call(&dst, "PUT", "vm.restore", Some(&restore(&good, true)));
+    assert_eq!(s, 200, "{b}");
+    let reply: serde_json::Value = serde_json::from_str(&b).expect("reply JSON");
+    assert_eq!(reply["outcome"], "applied", "{b}");
+    assert_eq!(reply["tsc_offsets_applied"], serde_json::json!(offsets));
+    assert_eq!(reply["tsc_offsets_read_back"], serde_json::json!([]), "{b}");
+    assert_eq!(state(&dst), "Running");
+    assert!(info(&dst)["clockcarry"]["resumed_tai_ns"]
+        .as_u64()
+        .is_some());
+    dst.shutdown();
+}
