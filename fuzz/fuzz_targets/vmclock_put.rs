@@ -264,6 +264,7 @@ fuzz_target!(|data: &[u8]| {
         tsc_offsets_effective: bits & 4 == 0,
         clock_guest: bits & 1 != 0,
         set_clock_realtime: bits & 2 != 0,
+        read_back: true,
     };
     let request = ApplyRequest::from(&put);
     assert_eq!(request.tsc_offsets, put.tsc_offsets);
