@@ -527,7 +527,7 @@ fn check_destination(sidecar: &SidecarBody, dst: &Destination) -> Result<(), Pla
 }
 
 /// |a - b| in parts per million of `b`, rounded up.
-fn ppm_apart(a_khz: u32, b_khz: u32) -> u64 {
+pub(crate) fn ppm_apart(a_khz: u32, b_khz: u32) -> u64 {
     let diff = u128::from(a_khz.abs_diff(b_khz)) * 1_000_000;
     let ppm = diff.div_ceil(u128::from(b_khz.max(1)));
     u64::try_from(ppm).unwrap_or(u64::MAX)

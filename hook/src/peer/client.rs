@@ -51,7 +51,9 @@ impl RoundPlan {
         }
     }
 
-    fn check(&self) -> Result<(), PeerError> {
+    /// Refuses rounds outside 1 to [`MAX_ROUNDS`] and a maximum below the
+    /// minimum, before anything is sent.
+    pub fn validate(&self) -> Result<(), PeerError> {
         let bad = |reason: String| Err(PeerError::Protocol { reason });
         if self.min_rounds == 0 || self.min_rounds > MAX_ROUNDS {
             return bad(format!(
@@ -177,7 +179,7 @@ impl PeerClient {
         &mut self,
         plan: &RoundPlan,
     ) -> Result<(Vec<Sample>, Estimate), PeerError> {
-        plan.check()?;
+        plan.validate()?;
         let mut samples = Vec::new();
         let realtime = super::sched::enter_logged("source");
         for round in 0..plan.min_rounds {

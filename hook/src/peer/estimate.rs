@@ -41,9 +41,6 @@ pub const DEFAULT_ROUNDS: u32 = 8;
 /// exchange goes on past [`DEFAULT_ROUNDS`] only while the bound is above
 /// its goal.
 pub const DEFAULT_MAX_ROUNDS: u32 = 64;
-/// The bound the exchange stops at, unless the caller asks otherwise:
-/// reached in the first rounds on a LAN (50 to 200 us round trips).
-pub const DEFAULT_GOAL_BOUND_NS: u64 = 100_000;
 /// Most rounds one exchange may have (the destination answers no more).
 pub const MAX_ROUNDS: u32 = 256;
 /// Most two host clocks' rates may differ within a round, ppm: both at the

@@ -16,6 +16,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::peer::estimate::ppm_of_ns;
+use crate::plan::ppm_apart;
 use crate::pvclock::ns_to_cycles;
 
 /// Longest validity an armed body may claim: 1 hour.
@@ -109,7 +111,7 @@ pub enum ArmRefusal {
 const UNSCALED_PPM: u64 = 250;
 
 fn ppm_of(ns: u64, ppm: u64) -> u64 {
-    u64::try_from(u128::from(ns) * u128::from(ppm) / 1_000_000).unwrap_or(u64::MAX)
+    u64::try_from(ppm_of_ns(u128::from(ns), ppm)).unwrap_or(u64::MAX)
 }
 
 /// `cycles` at `khz` in ns, saturating.
@@ -154,8 +156,7 @@ pub fn check(
             });
         }
     }
-    let rate_apart = u64::from(now.guest_khz.abs_diff(now.host_khz));
-    if now.host_khz == 0 || rate_apart * 1_000_000 > u64::from(now.host_khz) * UNSCALED_PPM {
+    if now.host_khz == 0 || ppm_apart(now.guest_khz, now.host_khz) > UNSCALED_PPM {
         return Err(ArmRefusal::Scaled {
             guest_khz: now.guest_khz,
             host_khz: now.host_khz,

@@ -569,9 +569,8 @@ impl Vmm {
             return Err(ApiFailure::api(500, action, "VM is not running"));
         };
         let mode = match &probed {
-            _ if body.arm.is_some() => clockapi::PutMode::Armed,
             Some(p) => clockapi::PutMode::Probed(p),
-            None => return Err(ApiFailure::api(500, action, "VM is not running")),
+            None => clockapi::PutMode::Armed,
         };
         let reply = clockapi::put(vm, mode, body, self.opts.fault_put).map_err(clock_failure)?;
         let json = serde_json::to_string(&reply).map_err(|e| ApiFailure::api(500, action, e))?;

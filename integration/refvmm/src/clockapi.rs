@@ -166,9 +166,10 @@ pub fn check_body(body: &ClockPut, vcpus: u32) -> Result<(), ClockApiError> {
 }
 
 /// How a body is applied: a plain PUT with the process's full probe and
-/// the read-back; an armed one (body `arm`) with only the probe's ioctl-free
-/// part and no read-back, so that inside the blackout only the rate, the
-/// offsets, the kvm-clock line and KVMCLOCK_CTRL run (docs/armed.md).
+/// the read-back; an armed one with only the probe's ioctl-free part and
+/// no read-back, so that inside the blackout only the rate, the offsets,
+/// the kvm-clock line and KVMCLOCK_CTRL run (docs/armed.md). A body that
+/// carries `arm` is applied armed in either mode; `Armed` requires it.
 pub enum PutMode<'a> {
     Probed(&'a ProbedKvm),
     Armed,
@@ -197,7 +198,7 @@ pub fn check_armed(vm: &Vm, body: &ClockPut) -> Result<ApplyOptions, ClockApiErr
         None => Err(ClockApiError::BadRequest("the VM has no vCPUs".into())),
     })?;
     let guest_khz = guest_khz.map_err(|e| failed("the guest TSC rate", &e))?;
-    let host_khz = match vm.with_vcpus(|fd, _| clockcarry::kvm::sys::vm_get_tsc_khz(fd)) {
+    let host_khz = match clockcarry::kvm::sys::vm_get_tsc_khz(vm.vm_fd()) {
         Ok(khz) => khz,
         Err(_) => {
             clockcarry::host::host_tsc_khz()
@@ -236,10 +237,9 @@ pub fn put(
     fault: Option<FaultPut>,
 ) -> Result<PutReply, ClockApiError> {
     check_put(vm, body)?;
-    let options = match mode {
-        PutMode::Armed => check_armed(vm, body)?,
-        PutMode::Probed(_) if body.arm.is_some() => check_armed(vm, body)?,
-        PutMode::Probed(probed) => probed.apply_options(),
+    let options = match (mode, &body.arm) {
+        (PutMode::Probed(probed), None) => probed.apply_options(),
+        _ => check_armed(vm, body)?,
     };
     // follow_pvti -> CLOCK_GUEST or the calibrated SET_CLOCK, set_clock ->
     // one raw KVM_SET_CLOCK, null -> no clock call: the library's contract.
