@@ -137,7 +137,10 @@ fn capture_measures_the_offset_and_sends_the_sidecar() {
     r.expect(0);
     let j = r.json();
     let e = &j["offset_estimate"];
-    assert_eq!(e["rounds"], 8);
+    // 8 rounds back to back, then more while the bound is above the default
+    // goal, up to the default maximum of 64: how many depends on the machine.
+    let rounds = e["rounds"].as_u64().unwrap();
+    assert!((8..=64).contains(&rounds), "{e}");
     let offset = e["offset_ns"].as_i64().unwrap();
     let bound = e["bound_ns"].as_u64().unwrap();
     assert!(offset.unsigned_abs() <= bound, "{e}");
@@ -159,7 +162,7 @@ fn capture_measures_the_offset_and_sends_the_sidecar() {
     r.expect(0);
     let sc = &r.json()["sidecar"]["offset_estimate"];
     assert_eq!(sc["offset_ns"].as_i64(), Some(offset));
-    assert_eq!(sc["rounds"], 8);
+    assert_eq!(sc["rounds"].as_u64(), Some(rounds));
     assert!(sc["measured_tai_ns"].as_u64().unwrap() > 0);
 }
 
@@ -170,7 +173,8 @@ fn the_human_summary_shows_the_estimate() {
     let server = Server::start(st.dir.path(), &["--key", &ka, "--once"]);
     st.capture(
         &server.addr.to_string(),
-        &["--key", &ka, "--peer-rounds", "3"],
+        // A fixed count: on a loaded machine the default goal would add rounds.
+        &["--key", &ka, "--peer-rounds", "3", "--peer-max-rounds", "3"],
     )
     .expect(0)
     .stdout_has("peer offset")
