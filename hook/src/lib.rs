@@ -5,6 +5,7 @@
 //! - model and planner (pure, no I/O): [`model`], [`pvclock`], [`plan`],
 //!   [`sidecar`], and the [`sim`] of hosts and KVM used to prove the planner;
 //!   [`hostconf`], the host configuration that makes sidecar keys mandatory;
+//!   [`armed`], the same plan made before the blackout for the VMM to apply;
 //! - [`host`]: CLOCK_TAI, adjtimex, (TSC, TAI) brackets, host identity;
 //! - [`peer`]: the inter-host TAI offset measured over TCP (estimator,
 //!   authenticated exchange, the sidecar carried to the destination);
@@ -15,6 +16,7 @@
 
 #[cfg(feature = "http")]
 pub mod api;
+pub mod armed;
 pub mod fsio;
 pub mod host;
 pub mod hostconf;
