@@ -404,3 +404,184 @@ fn refvmm_typed_failures_pick_the_exit_code() {
         assert_eq!(out.json()["vmm_failure"]["outcome"], outcome, "{spec}");
     }
 }
+
+/// `clockcarry arm` before the pause, its vm.restore body sent as written:
+/// the VMM applies the clock before the first vCPU run and resumes (200,
+/// typed reply); the same body offered to other VMs' states is refused
+/// (400, naming the field: `tsc_offsets` for a 3-vCPU VM, and where TSC
+/// offsets take effect `arm.capture_guest_tsc` for a 2-vCPU VM whose TSC
+/// booted an hour ahead) and those VMs stay paused. Refusals of the command
+/// itself write nothing.
+#[test]
+fn refvmm_arm_then_restore_with_the_armed_body() {
+    if let Some(why) = skip() {
+        println!("SKIP: {why}");
+        return;
+    }
+    let bin: PathBuf = refvmm_binary().expect("refvmm binary");
+    let dir = TempDir::new("rv-arm");
+    let boot = |name: &str, extra: &[&str]| {
+        let mut args = vec!["--kernel", "probe"];
+        args.extend_from_slice(extra);
+        RefVmm::spawn(&bin, dir.path(), name, &args).expect("start VMM")
+    };
+    let src = boot("src", &["--cpus", "2"]);
+    let others = [
+        (boot("three", &["--cpus", "3"]), "tsc_offsets"),
+        (
+            boot("ahead", &["--cpus", "2", "--boot-tsc-s", "3600"]),
+            "arm.capture_guest_tsc",
+        ),
+    ];
+    let effective = src.clock().capabilities.tsc_offset_effective;
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    let sidecar = dir.join("vm1.sidecar.json").display().to_string();
+    run(
+        dir.path(),
+        &[
+            "capture",
+            "--api-socket",
+            src.socket_str(),
+            "--vm",
+            "vm1",
+            "-o",
+            &sidecar,
+        ],
+    )
+    .expect(0);
+    let snap = dir.join("snap");
+    let url = format!("file://{}", snap.display());
+    let armed = dir.join("restore.json").display().to_string();
+
+    arm_refusals_write_nothing(&dir, &sidecar, &armed);
+
+    let r = run(
+        dir.path(),
+        &[
+            "arm",
+            "-i",
+            &sidecar,
+            "--vm",
+            "vm1",
+            "--for-restore",
+            &url,
+            "-o",
+            &armed,
+            "--json",
+        ],
+    );
+    r.expect(0);
+    let rep = r.json();
+    assert_eq!(
+        (&rep["mode"], &rep["wrote"], &rep["vcpus"]),
+        (&"same-host".into(), &"vm.restore".into(), &2.into())
+    );
+    let body = std::fs::read_to_string(&armed).unwrap();
+    let request: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(request["source_url"], url.as_str());
+    assert_eq!(request["resume"], true);
+    assert_eq!(request["clock"], rep["clock"]);
+    assert_eq!(request["clock"]["arm"]["vcpu_count"], 2);
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&armed).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+
+    // Other VMs' states under this VM's armed clock: refused, paused.
+    for (other, field) in others {
+        if field == "arm.capture_guest_tsc" && !effective {
+            println!(
+                "SKIP ({field}): TSC offsets are inert on this host, every VM's TSC is the \
+                 host's, so a VM booted an hour ahead is not"
+            );
+            continue;
+        }
+        refused_for_another_state(&bin, &dir, other, field, &body, &url);
+    }
+
+    applied_and_resumed(&bin, &dir, src, &body, &url);
+}
+
+/// `clockcarry arm`'s own refusals (freeze, another VM's id, a validity
+/// over 1 h): exit 2 naming the cause, and no file written.
+fn arm_refusals_write_nothing(dir: &TempDir, sidecar: &str, armed: &str) {
+    let r = run(
+        dir.path(),
+        &["arm", "-i", sidecar, "--policy", "freeze", "-o", armed],
+    );
+    r.expect(2).stderr_has("freeze");
+    let r = run(
+        dir.path(),
+        &["arm", "-i", sidecar, "--vm", "vm2", "-o", armed],
+    );
+    r.expect(2).stderr_has("vm2");
+    let r = run(
+        dir.path(),
+        &["arm", "-i", sidecar, "--valid-for", "2h", "-o", armed],
+    );
+    r.expect(2).stderr_has("valid_for_ns");
+    assert!(!Path::new(armed).exists(), "a refused arm wrote its file");
+}
+
+/// `other` (a running VM) snapshotted and restored with `body`, armed for
+/// another VM: 400 naming `field`, the VM restored, paused, untouched.
+fn refused_for_another_state(
+    bin: &Path,
+    dir: &TempDir,
+    other: RefVmm,
+    field: &str,
+    body: &str,
+    url: &str,
+) {
+    let name = field.replace('.', "-");
+    other.put_ok("/api/v1/vm.pause", None);
+    let other_snap = dir.join(&format!("snap-{name}"));
+    other.put_ok(
+        "/api/v1/vm.snapshot",
+        Some(&format!(
+            r#"{{"destination_url":"file://{}"}}"#,
+            other_snap.display()
+        )),
+    );
+    drop(other);
+    let wrong = RefVmm::spawn(bin, dir.path(), &format!("wrong-{name}"), &[]).expect("VMM");
+    let wrong_body = body.replace(
+        &format!("\"{url}\""),
+        &format!("\"file://{}\"", other_snap.display()),
+    );
+    let (status, answer) = wrong.api("PUT", "/api/v1/vm.restore", Some(&wrong_body));
+    assert_eq!(status, 400, "{field}: {answer}");
+    assert!(answer.contains(field), "{field}: {answer}");
+    assert_eq!(wrong.clock().state, RunState::Paused);
+    assert_eq!(wrong.info()["clockcarry"]["clock_put"], false);
+}
+
+/// This VM's state restored with its armed `body`: 200, the typed reply,
+/// running, and (where offsets take effect) the body's offsets in place.
+fn applied_and_resumed(bin: &Path, dir: &TempDir, src: RefVmm, body: &str, url: &str) {
+    let request: Value = serde_json::from_str(body).unwrap();
+    // This VM: applied before the first run, resumed, the offsets the body's.
+    src.put_ok("/api/v1/vm.pause", None);
+    src.put_ok(
+        "/api/v1/vm.snapshot",
+        Some(&format!(r#"{{"destination_url":"{url}"}}"#)),
+    );
+    drop(src);
+    let dst = RefVmm::spawn(bin, dir.path(), "dst", &[]).expect("VMM");
+    let (status, answer) = dst.api("PUT", "/api/v1/vm.restore", Some(body));
+    assert_eq!(status, 200, "{answer}");
+    let reply: Value = serde_json::from_str(&answer).unwrap();
+    assert_eq!(reply["outcome"], "applied", "{reply}");
+    let after = dst.clock();
+    assert_eq!(after.state, RunState::Running);
+    if after.capabilities.tsc_offset_effective {
+        let want: Vec<i64> = request["clock"]["tsc_offsets"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_i64().unwrap())
+            .collect();
+        assert_eq!(after.offsets(), want);
+    } else {
+        println!("SKIP (offsets only): TSC offsets are inert on this host");
+    }
+}

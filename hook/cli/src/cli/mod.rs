@@ -1,6 +1,7 @@
 //! The `clockcarry` command line: argument parsing, subcommands, report
 //! printing, logging and exit codes. See docs/cli.md.
 
+mod arm;
 mod bench;
 mod capture;
 mod check;
@@ -43,7 +44,9 @@ DESCRIPTION
     offsets and the kvm-clock line from the sidecar and a fresh measurement,
     applies them with one PUT, verifies them and reports what it did.
     `plan`, `inspect` and `check` help rehearse and diagnose;
-    `bench-restore` measures the blackout `restore` adds. `serve` on the
+    `bench-restore` measures the blackout `restore` adds. `arm` plans the
+    restore on the destination before the blackout, for a VMM that applies
+    it itself before the first vCPU run (docs/armed.md). `serve` on the
     destination answers `capture --peer`: it measures the two hosts' TAI
     offset into the sidecar and can receive the sidecar itself.
 
@@ -108,6 +111,7 @@ pub struct Cli {
 enum Command {
     Capture(capture::CaptureArgs),
     Restore(restore::RestoreArgs),
+    Arm(arm::ArmArgs),
     Plan(offline::PlanArgs),
     Inspect(inspect::InspectArgs),
     Check(check::CheckArgs),
@@ -313,6 +317,7 @@ pub fn run(args: Vec<OsString>) -> ExitCode {
     let result = match cli.command {
         Command::Capture(a) => capture::run(&a),
         Command::Restore(a) => restore::run(&a),
+        Command::Arm(a) => arm::run(&a),
         Command::Plan(a) => offline::run(&a),
         Command::Inspect(a) => inspect::run(&a),
         Command::Check(a) => check::run(&a),
