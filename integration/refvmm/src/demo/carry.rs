@@ -46,8 +46,40 @@ pub struct RestoreOutcome {
     /// The kvm-clock error the VMM reported for its PUT.
     pub put_kvmclock_error_ns: Option<i64>,
     /// Start of the restore to the PUT's answer: what it adds to the
-    /// blackout (`timings.to_put_answered_ns` of the command).
+    /// blackout (`timings.to_put_answered_ns` of the command); `None` for
+    /// an armed clock, where nothing runs inside the blackout.
     pub restore_ns: Option<u64>,
+}
+
+/// Where an armed clock goes: the request that restores the VM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ArmedFor<'a> {
+    /// `vm.restore` from this `source_url`.
+    Restore(&'a str),
+    /// `vm.receive-migration` on this `receiver_url`.
+    Receive(&'a str),
+}
+
+/// An armed clock, planned before the pause.
+#[derive(Debug, Clone)]
+pub struct ArmedRequest {
+    /// The whole request body, `clock` included (`resume: true`).
+    pub body: String,
+    pub plan_mode: Option<String>,
+    pub plan_bound_ns: Option<u64>,
+}
+
+/// The request body around an armed `clock`.
+fn wrap(target: ArmedFor<'_>, clock: &ClockPut) -> Result<String, DemoError> {
+    let v = match target {
+        ArmedFor::Restore(url) => {
+            serde_json::json!({"source_url": url, "resume": true, "clock": clock})
+        }
+        ArmedFor::Receive(url) => {
+            serde_json::json!({"receiver_url": url, "resume": true, "clock": clock})
+        }
+    };
+    serde_json::to_string(&v).map_err(|e| e.to_string())
 }
 
 impl Carry {
@@ -71,7 +103,7 @@ impl Carry {
                     .filter(|v| !v.is_empty())
                     .unwrap_or_else(|| "version unknown".into());
                 format!(
-                    "the clockcarry command {} ({version}): `clockcarry capture` and \
+                    "the clockcarry command {} ({version}): `clockcarry capture`, `clockcarry arm` and \
                      `clockcarry restore`, each its own process",
                     bin.display()
                 )
@@ -126,6 +158,59 @@ fn run_bin(bin: &Path, args: &[&str]) -> Result<String, DemoError> {
 }
 
 impl Carry {
+    /// Plans the armed clock for the VM in `sidecar` on this host now
+    /// (`clockcarry arm`, or `armed::plan_armed` in process), for the
+    /// request `target`; `work` is where the command writes its file.
+    pub fn arm(
+        &self,
+        sidecar: &Path,
+        target: ArmedFor<'_>,
+        work: &Path,
+    ) -> Result<ArmedRequest, DemoError> {
+        match self {
+            Carry::Binary(bin) => {
+                let input = sidecar.display().to_string();
+                let out = work.join("armed.json").display().to_string();
+                let (flag, url) = match target {
+                    ArmedFor::Restore(u) => ("--for-restore", u),
+                    ArmedFor::Receive(u) => ("--for-receive", u),
+                };
+                let report = run_bin(bin, &["arm", "-i", &input, flag, url, "-o", &out, "--json"])?;
+                let report: Value = serde_json::from_str(&report)
+                    .map_err(|e| format!("clockcarry arm --json: {e}"))?;
+                let body = std::fs::read_to_string(&out).map_err(|e| format!("{out}: {e}"))?;
+                Ok(ArmedRequest {
+                    body,
+                    plan_mode: report["mode"].as_str().map(str::to_string),
+                    plan_bound_ns: report["error_bound_ns"].as_u64(),
+                })
+            }
+            Carry::InProcess => {
+                let source = Sidecar::read_from(sidecar, None)
+                    .map_err(|e| format!("sidecar: {e}"))?
+                    .body;
+                let khz = source.vm_clock.tsc_khz;
+                let identity = host::identity(khz).map_err(|e| format!("host identity: {e}"))?;
+                let sample = host::sample(host::DEFAULT_TRIES, identity.tsc_khz)
+                    .map_err(|e| format!("host sample: {e}"))?;
+                let armed = clockcarry::armed::plan_armed(
+                    &source,
+                    identity,
+                    sample,
+                    Some(VM_ID.into()),
+                    &Policy::default(),
+                    clockcarry::armed::DEFAULT_VALID_FOR_NS,
+                )
+                .map_err(|e| format!("arm: {e}"))?;
+                Ok(ArmedRequest {
+                    body: wrap(target, &armed.put)?,
+                    plan_mode: Some(mode_name(armed.plan.mode).into()),
+                    plan_bound_ns: Some(armed.plan.error_bound.total_ns),
+                })
+            }
+        }
+    }
+
     /// Captures the VM (running) into the sidecar file `sidecar`.
     pub fn capture(&self, vmm: &VmmProcess, sidecar: &Path) -> Result<(), DemoError> {
         match self {
@@ -208,18 +293,19 @@ impl Carry {
                 let v: Value =
                     serde_json::from_str(&answer).map_err(|e| format!("PUT answer: {e}"))?;
                 Ok(RestoreOutcome {
-                    plan_mode: Some(
-                        match p.mode {
-                            PlanMode::SameHost => "same-host",
-                            PlanMode::CrossHost => "cross-host",
-                        }
-                        .into(),
-                    ),
+                    plan_mode: Some(mode_name(p.mode).into()),
                     plan_bound_ns: Some(p.error_bound.total_ns),
                     put_kvmclock_error_ns: v.get("kvmclock_error_ns").and_then(Value::as_i64),
                     restore_ns,
                 })
             }
         }
+    }
+}
+
+fn mode_name(mode: PlanMode) -> &'static str {
+    match mode {
+        PlanMode::SameHost => "same-host",
+        PlanMode::CrossHost => "cross-host",
     }
 }

@@ -26,7 +26,7 @@ use serde::Serialize;
 use crate::analysis;
 use crate::baseline::Baseline;
 use crate::probelog;
-use carry::{Carry, RestoreOutcome};
+use carry::{ArmedFor, Carry, RestoreOutcome};
 use vmmproc::{DemoError, VmmProcess};
 
 /// The hidden first argument with which the demo runs itself as a VMM.
@@ -72,22 +72,33 @@ impl Scenario {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
     Stock(Baseline),
+    /// Plan and PUT vm.clock inside the blackout (`clockcarry restore`).
     Clockcarry,
+    /// Planned before the pause (`clockcarry arm`), applied by the VMM in
+    /// vm.restore / vm.receive-migration before the first vCPU run.
+    ClockcarryArmed,
 }
 
 impl Mode {
-    pub const ALL: [Mode; 4] = [
+    pub const ALL: [Mode; 5] = [
         Mode::Stock(Baseline::ChV53),
         Mode::Stock(Baseline::Qemu),
         Mode::Stock(Baseline::Firecracker),
         Mode::Clockcarry,
+        Mode::ClockcarryArmed,
     ];
 
     pub fn name(&self) -> &'static str {
         match self {
             Mode::Stock(b) => b.name(),
             Mode::Clockcarry => "clockcarry",
+            Mode::ClockcarryArmed => "clockcarry-armed",
         }
+    }
+
+    /// Either clockcarry mode: the rows held to clockcarry's checks.
+    pub fn is_clockcarry(&self) -> bool {
+        matches!(self, Mode::Clockcarry | Mode::ClockcarryArmed)
     }
 
     /// VMM options for this mode: clockcarry runs on the ch-v53 baseline
@@ -95,7 +106,7 @@ impl Mode {
     fn vmm_args(&self) -> Vec<String> {
         match self {
             Mode::Stock(b) => vec!["--baseline".into(), b.name().into()],
-            Mode::Clockcarry => vec![
+            Mode::Clockcarry | Mode::ClockcarryArmed => vec![
                 "--baseline".into(),
                 "ch-v53".into(),
                 "--clock-extension".into(),
@@ -228,7 +239,7 @@ impl Run<'_> {
     }
 
     fn capture(&self, vmm: &VmmProcess) -> Result<(), DemoError> {
-        if self.mode == Mode::Clockcarry {
+        if self.mode.is_clockcarry() {
             self.step("clockcarry capture");
             self.opts.carry.capture(vmm, &self.sidecar())?;
         }
@@ -239,6 +250,36 @@ impl Run<'_> {
         if self.mode == Mode::Clockcarry {
             self.step("clockcarry restore");
             self.restored = Some(self.opts.carry.restore(vmm, &self.sidecar())?);
+        }
+        Ok(())
+    }
+
+    /// Armed mode: `clockcarry arm` before the pause; the request body
+    /// (with `clock`, `resume: true`) to restore or receive the VM with.
+    fn arm(&mut self, target: ArmedFor<'_>) -> Result<Option<String>, DemoError> {
+        if self.mode != Mode::ClockcarryArmed {
+            return Ok(None);
+        }
+        self.step("clockcarry arm");
+        let armed = self.opts.carry.arm(&self.sidecar(), target, &self.dir)?;
+        self.restored = Some(RestoreOutcome {
+            plan_mode: armed.plan_mode,
+            plan_bound_ns: armed.plan_bound_ns,
+            put_kvmclock_error_ns: None,
+            restore_ns: None,
+        });
+        Ok(Some(armed.body))
+    }
+
+    /// The VMM's 200 answer to an armed request: its kvm-clock error.
+    fn armed_applied(&mut self, answer: &str) -> Result<(), DemoError> {
+        let v: serde_json::Value =
+            serde_json::from_str(answer).map_err(|e| format!("armed answer: {e}: {answer}"))?;
+        if v["outcome"] != "applied" {
+            return Err(format!("armed clock not applied: {answer}"));
+        }
+        if let Some(r) = self.restored.as_mut() {
+            r.put_kvmclock_error_ns = v["kvmclock_error_ns"].as_i64();
         }
         Ok(())
     }
@@ -261,9 +302,10 @@ impl Run<'_> {
         let src = self.start("src", true, &[])?;
         self.warm_up(&src);
         self.capture(&src)?;
+        let url = format!("file://{}", self.dir.join("snapshot").display());
+        let armed = self.arm(ArmedFor::Restore(&url))?;
         self.step("vm.pause, vm.snapshot");
         src.ok("PUT", "vm.pause", None)?;
-        let url = format!("file://{}", self.dir.join("snapshot").display());
         src.ok(
             "PUT",
             "vm.snapshot",
@@ -273,15 +315,21 @@ impl Run<'_> {
         src.shutdown();
         std::thread::sleep(self.opts.snapshot_wait);
         let dst = self.start("dst", false, &[])?;
-        self.step("vm.restore (paused)");
-        dst.ok(
-            "PUT",
-            "vm.restore",
-            Some(&format!(r#"{{"source_url":"{url}","resume":false}}"#)),
-        )?;
-        self.restore(&dst)?;
-        self.step("vm.resume");
-        dst.ok("PUT", "vm.resume", None)?;
+        if let Some(body) = armed {
+            self.step("vm.restore with the armed clock, resume");
+            let answer = dst.ok("PUT", "vm.restore", Some(&body))?;
+            self.armed_applied(&answer)?;
+        } else {
+            self.step("vm.restore (paused)");
+            dst.ok(
+                "PUT",
+                "vm.restore",
+                Some(&format!(r#"{{"source_url":"{url}","resume":false}}"#)),
+            )?;
+            self.restore(&dst)?;
+            self.step("vm.resume");
+            dst.ok("PUT", "vm.resume", None)?;
+        }
         std::thread::sleep(AFTER);
         self.step("shut down");
         dst.shutdown();
@@ -302,6 +350,7 @@ impl Run<'_> {
         self.capture(&src)?;
         let channel = self.dir.join("migration.sock");
         let url = format!("unix:{}", channel.display());
+        let armed = self.arm(ArmedFor::Receive(&url))?;
         let resume = if self.mode == Mode::Clockcarry {
             r#","resume":false"#
         } else {
@@ -310,7 +359,9 @@ impl Run<'_> {
         self.step("vm.receive-migration, vm.send-migration");
         let receive = {
             let socket = dst.socket.clone();
-            let body = format!(r#"{{"receiver_url":"{url}"{resume}}}"#);
+            let body = armed
+                .clone()
+                .unwrap_or_else(|| format!(r#"{{"receiver_url":"{url}"{resume}}}"#));
             std::thread::spawn(move || {
                 crate::http::request(
                     &socket,
@@ -335,11 +386,15 @@ impl Run<'_> {
             .join()
             .map_err(|_| "receive thread panicked".to_string())?
             .map_err(|e| format!("dst: receive-migration: {e}"))?;
-        if received.status != 204 {
+        let want = if armed.is_some() { 200 } else { 204 };
+        if received.status != want {
             return Err(format!(
                 "dst: receive-migration: HTTP {} {}",
                 received.status, received.body
             ));
+        }
+        if armed.is_some() {
+            self.armed_applied(&received.body)?;
         }
         if self.mode == Mode::Clockcarry {
             self.restore(&dst)?;
@@ -382,7 +437,7 @@ fn empty_row(opts: &Options, scenario: Scenario, mode: Mode) -> Row {
         vcpus: opts.vcpus,
         put_kvmclock_error_ns: None,
         error: None,
-        clockcarry: (mode == Mode::Clockcarry).then(|| opts.carry.label()),
+        clockcarry: mode.is_clockcarry().then(|| opts.carry.label()),
         plan_mode: None,
         plan_bound_ns: None,
         measure_bound_ns: None,
@@ -443,7 +498,7 @@ fn run_measured(opts: &Options, scenario: Scenario, mode: Mode) -> Row {
             row.disagreement_ns = Some(a.disagreement_ns);
             row.monotonic = Some(a.monotonic);
             row.measure_bound_ns = a.tsc_error_bound_ns;
-            if mode == Mode::Clockcarry {
+            if mode.is_clockcarry() {
                 // In place nothing is touched: the plan's share is 0.
                 let plan = match scenario {
                     Scenario::PauseResume => Some(0),
@@ -522,7 +577,7 @@ pub fn check_row(row: &Row, env: &str) -> Vec<String> {
             row.tsc_offsets_effective
         ));
     }
-    if row.mode == Mode::Clockcarry.name() {
+    if row.mode == Mode::Clockcarry.name() || row.mode == Mode::ClockcarryArmed.name() {
         if row.monotonic != Some(true) {
             failed.push("monotonic: a counter went backwards".into());
         }

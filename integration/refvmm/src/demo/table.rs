@@ -132,7 +132,7 @@ pub fn parse(args: Vec<String>) -> Result<Option<Options>, String> {
         (None, true) => Carry::InProcess,
         (None, false) => match Carry::next_to(&exe) {
             Some(b) => Carry::Binary(b),
-            None if !o.modes.contains(&Mode::Clockcarry) => Carry::InProcess,
+            None if !o.modes.iter().any(Mode::is_clockcarry) => Carry::InProcess,
             None => {
                 return Err(format!(
                     "no `{}` command next to {}: build it (`cargo build --release -p \
@@ -180,7 +180,7 @@ pub fn render(rows: &[Row], vcpus: u32, env: &str, carry: &str) -> String {
          clockcarry rows: {carry}\n\n"
     );
     out.push_str(&format!(
-        "{:<17} {:<12} {:>10} {:>12} {:>16} {:>17} {:>10}\n",
+        "{:<17} {:<16} {:>10} {:>12} {:>16} {:>17} {:>10}\n",
         "scenario",
         "mode",
         "blackout",
@@ -191,9 +191,9 @@ pub fn render(rows: &[Row], vcpus: u32, env: &str, carry: &str) -> String {
     ));
     for r in rows {
         let line = match &r.error {
-            Some(e) => format!("{:<17} {:<12} RUN FAILED: {e}\n", r.scenario, r.mode),
+            Some(e) => format!("{:<17} {:<16} RUN FAILED: {e}\n", r.scenario, r.mode),
             None => format!(
-                "{:<17} {:<12} {:>10} {:>12} {:>16} {:>17} {:>10}\n",
+                "{:<17} {:<16} {:>10} {:>12} {:>16} {:>17} {:>10}\n",
                 r.scenario,
                 r.mode,
                 r.blackout_ns
@@ -246,7 +246,10 @@ pub fn render(rows: &[Row], vcpus: u32, env: &str, carry: &str) -> String {
 fn tsc_rule_summary(rows: &[Row]) -> String {
     let cc: Vec<&Row> = rows
         .iter()
-        .filter(|r| r.mode == Mode::Clockcarry.name() && r.error.is_none())
+        .filter(|r| {
+            (r.mode == Mode::Clockcarry.name() || r.mode == Mode::ClockcarryArmed.name())
+                && r.error.is_none()
+        })
         .collect();
     if cc.is_empty() {
         return String::new();
@@ -309,7 +312,7 @@ pub fn main_with(args: Vec<String>) -> i32 {
         return 2;
     }
     let started = Instant::now();
-    let carry = if opts.modes.contains(&Mode::Clockcarry) {
+    let carry = if opts.modes.iter().any(Mode::is_clockcarry) {
         opts.carry.describe()
     } else {
         "none (no clockcarry mode asked for)".to_string()
