@@ -42,7 +42,7 @@
         .equ RECORD_MAGIC, 0x31524343   # "CCR1"
         .equ COM1, 0x3f8
         .equ DEBUG_PORT, 0x80
-        .equ MAX_VCPUS, 8
+        .equ MAX_VCPUS, 64
         .equ SLOT_SHIFT, 6              # 64-byte PVTI slots and records
         .equ STACK_SHIFT, 10            # 1 KiB stacks
         .equ PACE_CYCLES, 0x01000000    # text mode: ~6 ms at 2.6 GHz between lines

@@ -431,13 +431,18 @@ impl Vmm {
         clock: Option<&ClockPut>,
     ) -> ApiResult {
         let applied = match clock {
-            Some(body) => match clockapi::put(&mut vm, clockapi::PutMode::Armed, body, None) {
-                Ok(reply) => Some(reply),
-                Err(e) => {
-                    self.owner = Owner::Owned(Box::new(vm));
-                    return Err(clock_failure(e));
+            Some(body) => {
+                match timed(|| clockapi::put(&mut vm, clockapi::PutMode::Armed, body, None)) {
+                    (Ok(reply), ns) => {
+                        vm.set_armed_clock_ns(ns);
+                        Some(reply)
+                    }
+                    (Err(e), _) => {
+                        self.owner = Owner::Owned(Box::new(vm));
+                        return Err(clock_failure(e));
+                    }
                 }
-            },
+            }
             None => None,
         };
         let resumed = if resume {
@@ -675,4 +680,11 @@ fn wait_readable(listener: &std::os::unix::net::UnixListener, timeout_ms: i32) -
     let timeout = PollTimeout::try_from(timeout_ms).unwrap_or(PollTimeout::NONE);
     let mut fds = [PollFd::new(listener.as_fd(), PollFlags::POLLIN)];
     matches!(poll(&mut fds, timeout), Ok(n) if n > 0)
+}
+
+/// `f()` and how long it took, ns.
+fn timed<T>(f: impl FnOnce() -> T) -> (T, u64) {
+    let t = std::time::Instant::now();
+    let v = f();
+    (v, u64::try_from(t.elapsed().as_nanos()).unwrap_or(u64::MAX))
 }

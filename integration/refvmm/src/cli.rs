@@ -26,7 +26,7 @@ OPTIONS:
     --kernel probe|PATH      boot this PVH ELF now (`probe`: the embedded probe
                              guest); without it the VMM waits for vm.restore or
                              vm.receive-migration
-    --cpus N                 vCPUs, 1 to 8 (default 1)
+    --cpus N                 vCPUs, 1 to 64 (default 1)
     --memory-mib N           guest RAM in MiB (default 4)
     --baseline NAME          stock clock behaviour: ch-v53 (default), qemu,
                              firecracker
@@ -263,7 +263,8 @@ mod tests {
 
     #[test]
     fn refuses_bad_arguments() {
-        assert!(parse(args("--api-socket /tmp/s --cpus 9")).is_err());
+        assert!(parse(args("--api-socket /tmp/s --cpus 65")).is_err());
+        assert!(parse(args("--api-socket /tmp/s --cpus 0")).is_err());
         assert!(parse(args("--api-socket /tmp/s --cpus x")).is_err());
         assert!(parse(args("--api-socket /tmp/s --baseline vmware")).is_err());
         assert!(parse(args("--cpus 1")).is_err());

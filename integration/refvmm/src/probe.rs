@@ -19,7 +19,7 @@ pub const RECORD_MAGIC: u32 = 0x3152_4343;
 /// Size of a record, bytes.
 pub const RECORD_BYTES: usize = 64;
 /// vCPUs the probe has slots for.
-pub const MAX_VCPUS: u32 = 8;
+pub const MAX_VCPUS: u32 = 64;
 
 /// The PVTI fields as the guest copied them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

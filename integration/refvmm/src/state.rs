@@ -87,7 +87,11 @@ impl VmSnapshot {
         }
         let n = usize::try_from(self.config.vcpus).unwrap_or(usize::MAX);
         if n == 0 || n > usize::try_from(crate::probe::MAX_VCPUS).unwrap_or(8) {
-            return Err(format!("{} vCPUs: 1 to 8 are supported", self.config.vcpus));
+            return Err(format!(
+                "{} vCPUs: 1 to {} are supported",
+                self.config.vcpus,
+                crate::probe::MAX_VCPUS
+            ));
         }
         if self.vcpus.len() != n {
             return Err(format!(

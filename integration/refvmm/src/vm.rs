@@ -140,6 +140,9 @@ pub struct Vm {
     /// the vCPUs were released), ns: the blackout as the VMM sees it.
     paused_tai_ns: Option<u64>,
     resumed_tai_ns: Option<u64>,
+    /// How long the last armed clock took inside the blackout (checks and
+    /// apply, from the state loaded to the clock in place), ns.
+    armed_clock_ns: Option<u64>,
     notes: Vec<String>,
 }
 
@@ -253,6 +256,7 @@ impl Vm {
             restored_tsc: Vec::new(),
             paused_tai_ns: None,
             resumed_tai_ns: None,
+            armed_clock_ns: None,
             notes: Vec::new(),
         })
     }
@@ -441,6 +445,11 @@ impl Vm {
         })
     }
 
+    /// Records the time the last armed clock took (vm.info shows it).
+    pub fn set_armed_clock_ns(&mut self, ns: u64) {
+        self.armed_clock_ns = Some(ns);
+    }
+
     /// Probe reports received so far.
     pub fn reports(&self) -> u64 {
         self.io.reports.load(Ordering::Relaxed)
@@ -464,6 +473,7 @@ impl Vm {
                 "clock_put": self.clock_put,
                 "paused_tai_ns": self.paused_tai_ns,
                 "resumed_tai_ns": self.resumed_tai_ns,
+                "armed_clock_ns": self.armed_clock_ns,
                 "probe_reports": self.reports(),
                 "last_debug_port_byte": self.io.last_debug_byte.load(Ordering::Relaxed),
                 "vcpu_errors": self.runner.errors(),

@@ -13,6 +13,7 @@
 //! Every row is checked ([`check_row`]); `--env lab` adds the checks that
 //! only a host with real TSC offsets can pass.
 
+pub mod bench;
 pub mod carry;
 pub mod progress;
 pub mod table;
@@ -136,6 +137,8 @@ pub struct Options {
     pub timeout: Duration,
     /// Program and leading arguments that start a reference VMM.
     pub vmm: (PathBuf, Vec<String>),
+    /// `--bench-blackout`: the vCPU counts and reps ([`bench`]).
+    pub bench: Option<(Vec<u32>, u32)>,
 }
 
 /// One row of the table (and of `--json`).

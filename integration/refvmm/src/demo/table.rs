@@ -20,7 +20,7 @@ OPTIONS:
     --json                      one JSON object per row, nothing else on stdout
     --vcpus N                   vCPUs of the probe guest (default 2)
     --scenarios LIST            pause-resume,snapshot-restore,local-migration
-    --modes LIST                ch-v53,qemu,firecracker,clockcarry
+    --modes LIST                ch-v53,qemu,firecracker,clockcarry,clockcarry-armed
     --pause-ms N                pause/resume blackout (default 2000)
     --snapshot-wait-ms N        wait between snapshot and restore (default 3000)
     --migration-blackout-ms N   the migrating source holds its state back N ms (default 1000)
@@ -38,6 +38,14 @@ OPTIONS:
     -v, --verbose               each run's steps on stderr as they happen
     --timeout-s N               give up after N s: say where each unfinished run
                                 was, kill its processes, exit 3 (default 300)
+
+BENCHMARK:
+    --bench-blackout            instead of the table: the blackout each way of
+                                restoring the clock gives (stock, restore,
+                                armed), a snapshot live update per rep, from the
+                                VMMs' own pause/resume stamps (docs/armed.md)
+    --bench-vcpus LIST          vCPU counts (default 1,8,64; 1 to 64)
+    --reps N                    reps per mode and count (default 30)
 ";
 
 fn list<T: Copy>(
@@ -61,11 +69,41 @@ fn ms(text: &str, flag: &str) -> Result<Duration, String> {
         .map_err(|_| format!("{flag}: {text:?} is not a number of milliseconds"))
 }
 
+/// `--bench-vcpus LIST`: counts from 1 to the probe's slots.
+fn vcpu_list(v: &str) -> Result<Vec<u32>, String> {
+    v.split(',')
+        .map(|n| {
+            n.trim()
+                .parse::<u32>()
+                .ok()
+                .filter(|n| (1..=crate::probe::MAX_VCPUS).contains(n))
+        })
+        .collect::<Option<Vec<u32>>>()
+        .filter(|l| !l.is_empty())
+        .ok_or_else(|| {
+            format!(
+                "--bench-vcpus {v:?}: a list of counts from 1 to {}",
+                crate::probe::MAX_VCPUS
+            )
+        })
+}
+
+/// `--reps N`: 1 to 10000.
+fn rep_count(v: &str) -> Result<u32, String> {
+    v.parse::<u32>()
+        .ok()
+        .filter(|n| (1..=10_000).contains(n))
+        .ok_or_else(|| format!("--reps {v:?}: 1 to 10000"))
+}
+
 /// Parses the demo's arguments. `None` = help was asked for.
 pub fn parse(args: Vec<String>) -> Result<Option<Options>, String> {
     let exe = std::env::current_exe().map_err(|e| format!("own path: {e}"))?;
     let mut bin: Option<PathBuf> = None;
     let mut in_process = false;
+    let mut bench = false;
+    let mut bench_vcpus = super::bench::DEFAULT_VCPUS.to_vec();
+    let mut reps = super::bench::DEFAULT_REPS;
     let mut o = Options {
         json: false,
         env: "host".into(),
@@ -82,6 +120,7 @@ pub fn parse(args: Vec<String>) -> Result<Option<Options>, String> {
         verbose: false,
         timeout: Duration::from_secs(300),
         vmm: (exe.clone(), vec![VMM_SUBCOMMAND.to_string()]),
+        bench: None,
     };
     let mut it = args.into_iter();
     while let Some(a) = it.next() {
@@ -107,7 +146,7 @@ pub fn parse(args: Vec<String>) -> Result<Option<Options>, String> {
                     .parse()
                     .ok()
                     .filter(|n| (1..=crate::probe::MAX_VCPUS).contains(n))
-                    .ok_or_else(|| format!("--vcpus {v}: 1 to 8"))?;
+                    .ok_or_else(|| format!("--vcpus {v}: 1 to {}", crate::probe::MAX_VCPUS))?;
             }
             "--scenarios" => o.scenarios = list(&val()?, &Scenario::ALL, Scenario::name)?,
             "--modes" => o.modes = list(&val()?, &Mode::ALL, Mode::name)?,
@@ -116,6 +155,9 @@ pub fn parse(args: Vec<String>) -> Result<Option<Options>, String> {
             "--migration-blackout-ms" => o.migration_blackout = ms(&val()?, &a)?,
             "--clockcarry-bin" => bin = Some(PathBuf::from(val()?)),
             "--in-process" => in_process = true,
+            "--bench-blackout" => bench = true,
+            "--bench-vcpus" => bench_vcpus = vcpu_list(&val()?)?,
+            "--reps" => reps = rep_count(&val()?)?,
             "--workdir" => o.workdir = PathBuf::from(val()?),
             "-h" | "--help" => return Ok(None),
             other => return Err(format!("unknown argument {other:?} (see --help)")),
@@ -144,6 +186,9 @@ pub fn parse(args: Vec<String>) -> Result<Option<Options>, String> {
             }
         },
     };
+    if bench {
+        o.bench = Some((bench_vcpus, reps));
+    }
     Ok(Some(o))
 }
 
@@ -311,6 +356,9 @@ pub fn main_with(args: Vec<String>) -> i32 {
         eprintln!("clockcarry-demo: /dev/kvm: {e} (run as root on a host with KVM)");
         return 2;
     }
+    if let Some((vcpus, reps)) = opts.bench.clone() {
+        return bench_main(&opts, &vcpus, reps);
+    }
     let started = Instant::now();
     let carry = if opts.modes.iter().any(Mode::is_clockcarry) {
         opts.carry.describe()
@@ -379,6 +427,41 @@ pub fn main_with(args: Vec<String>) -> i32 {
     }
 }
 
+/// `--bench-blackout`: rows as JSON lines or a table; exit 1 when a rep
+/// failed (a missed target is printed, not an exit status: it is a figure
+/// of the machine).
+fn bench_main(opts: &Options, vcpus: &[u32], reps: u32) -> i32 {
+    eprintln!(
+        "clockcarry-demo: blackout benchmark, vCPUs {vcpus:?}, {reps} reps; clockcarry runs {}",
+        opts.carry.describe()
+    );
+    super::progress::set_verbose(opts.verbose);
+    let rows = super::bench::run(opts, vcpus, reps, |r| {
+        if opts.json {
+            println!("{}", serde_json::to_string(r).unwrap_or_default());
+            let _ = std::io::Write::flush(&mut std::io::stdout());
+        }
+    });
+    if !opts.json {
+        print!("{}", super::bench::render(&rows, reps));
+    }
+    if !opts.keep {
+        let _ = std::fs::remove_dir_all(&opts.workdir);
+    }
+    for r in rows.iter().filter(|r| r.target_met == Some(false)) {
+        eprintln!(
+            "clockcarry-demo: !!! TARGET MISSED {} at {} vCPUs: clock p50 {:?} ns, target {:?} ns !!!",
+            r.mode, r.vcpus, r.clock_p50_ns, r.target_clock_p50_ns
+        );
+    }
+    let failed: usize = rows.iter().map(|r| r.failures).sum();
+    if failed > 0 {
+        eprintln!("clockcarry-demo: FAIL: {failed} reps failed");
+        return 1;
+    }
+    0
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -410,6 +493,32 @@ mod tests {
         assert_eq!(o.scenarios, vec![Scenario::PauseResume]);
         assert!(parse(args(&["--modes", "vmware"])).is_err());
         assert!(parse(args(&["--vcpus", "0"])).is_err());
+    }
+
+    #[test]
+    fn parses_the_benchmark() {
+        let o = parse(args(&[
+            "--bench-blackout",
+            "--bench-vcpus",
+            "1, 64",
+            "--reps",
+            "3",
+            "--in-process",
+        ]))
+        .expect("ok")
+        .expect("options");
+        assert_eq!(o.bench, Some((vec![1, 64], 3)));
+        let o = parse(args(&["--in-process"])).expect("ok").expect("options");
+        assert_eq!(o.bench, None);
+        for bad in [
+            &["--bench-vcpus", "0"][..],
+            &["--bench-vcpus", "1,65"],
+            &["--bench-vcpus", ""],
+            &["--reps", "0"],
+            &["--reps", "x"],
+        ] {
+            assert!(parse(args(bad)).is_err(), "{bad:?}");
+        }
     }
 
     #[test]
