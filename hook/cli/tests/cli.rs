@@ -683,10 +683,13 @@ fn restore_refuses_a_stale_sidecar() {
     let s = setup("stale");
     let before = s.vmm.offsets();
     std::thread::sleep(std::time::Duration::from_millis(5));
-    restore(&s, &["--max-elapsed", "1ms"])
-        .expect(3)
+    let r = restore(&s, &["--max-elapsed", "1ms"]);
+    r.expect(3)
         .stderr_has("--max-elapsed")
-        .stderr_has("old");
+        .stderr_has("old")
+        // What to do next on a line of its own, never glued to a hint.
+        .stderr_has("\n  next: VM vm1 was not touched");
+    assert!(!r.stderr.contains("hint: next:"), "{}", r.stderr);
     untouched(&s, &before);
     restore(&s, &["--max-elapsed", "1h", "--dry-run"]).expect(0);
 }
@@ -775,12 +778,15 @@ fn restore_refuses_a_running_vm() {
     let r = restore(&s, &["--json"]);
     r.expect(3)
         .stderr_has("the VM is Running")
-        .stderr_has("do not resume");
+        .stderr_has("can no longer be carried")
+        .stderr_has("\n  hint: restore or receive the VM with resume=false")
+        .stderr_has("\n  next: VM vm1 is Running");
+    assert!(!r.stderr.contains("do not resume"), "{}", r.stderr);
     assert_eq!(r.json()["vm_untouched"], true);
     untouched(&s, &before);
     restore(&s, &["--on-failure", "vmm-default"])
         .expect(3)
-        .stderr_has("the VMM's default clock handling stays in effect");
+        .stderr_has("can no longer be carried");
     untouched(&s, &before);
 }
 

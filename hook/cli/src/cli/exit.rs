@@ -98,8 +98,10 @@ EXIT STATUS
 pub struct CliError {
     pub exit: Exit,
     pub message: String,
-    /// What the operator should do, printed after the message.
+    /// Why, or how to fix the cause: printed after the message.
     pub hint: Option<String>,
+    /// What to do with the VM now: printed on its own line after the hint.
+    pub next: Option<String>,
 }
 
 impl CliError {
@@ -108,11 +110,17 @@ impl CliError {
             exit,
             message: message.into(),
             hint: None,
+            next: None,
         }
     }
 
     pub fn with_hint(mut self, hint: impl Into<String>) -> CliError {
         self.hint = Some(hint.into());
+        self
+    }
+
+    pub fn with_next(mut self, next: impl Into<String>) -> CliError {
+        self.next = Some(next.into());
         self
     }
 
@@ -130,6 +138,9 @@ impl fmt::Display for CliError {
         f.write_str(&self.message)?;
         if let Some(hint) = &self.hint {
             write!(f, "\n  hint: {hint}")?;
+        }
+        if let Some(next) = &self.next {
+            write!(f, "\n  next: {next}")?;
         }
         Ok(())
     }

@@ -149,6 +149,18 @@ fn advice(exit: Exit, on_failure: OnFailure, vm: &str) -> String {
     }
 }
 
+/// What a VM that is not paused means for its clock.
+fn running_next(state: RunState, vm: Option<&str>) -> String {
+    let vm = vm.map_or_else(|| "the VM".to_string(), |id| format!("VM {id}"));
+    format!(
+        "{vm} is {state:?}: its vCPUs have run since its state was restored, on the VMM's own \
+         clock handling, so its clock can no longer be carried (the guest has already read the \
+         TSC and kvm-clock the VMM gave it; other values now would make them jump under it). \
+         Nothing was sent. Leave it running with the VMM's clocks, or restore it again with \
+         resume=false and run clockcarry restore before resuming it"
+    )
+}
+
 fn outcome_of(exit: Exit) -> Outcome {
     match exit {
         Exit::Ok => Outcome::Applied,
@@ -221,7 +233,11 @@ pub fn run(args: &RestoreArgs) -> CliResult<Exit> {
                 .vm_id
                 .clone()
                 .map_or_else(|| "the VM".to_string(), |id| format!("VM {id}"));
-            let next = advice(err.exit, policy.on_failure, &vm);
+            // A refusal that knows the VM's situation better says it itself.
+            let next = err
+                .next
+                .clone()
+                .unwrap_or_else(|| advice(err.exit, policy.on_failure, &vm));
             r.rep.outcome = outcome_of(err.exit);
             r.rep.exit_code = err.exit.code();
             r.rep.error = Some(err.message.clone());
@@ -235,12 +251,8 @@ pub fn run(args: &RestoreArgs) -> CliResult<Exit> {
                 // Show what was planned: it explains the failure.
                 print_text(&human(&r.rep));
             }
-            let hint = match &err.hint {
-                Some(h) => format!("{h}\n  next: {next}"),
-                None => format!("next: {next}"),
-            };
             Err(CliError {
-                hint: Some(hint),
+                next: Some(next),
                 ..err
             })
         }
@@ -296,7 +308,8 @@ impl Restore<'_> {
             )
             .with_hint(
                 "restore or receive the VM with resume=false, run clockcarry restore, then resume",
-            ));
+            )
+            .with_next(running_next(before.state, self.rep.vm_id.as_deref())));
         }
         check_vcpu_layout(&sidecar, &before)?;
 
