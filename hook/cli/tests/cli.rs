@@ -1384,3 +1384,39 @@ fn capture_to_an_unwritable_place_exits_1_and_restore_finds_the_default_path() {
     .expect(2)
     .stderr_has("web-3.sidecar.json");
 }
+
+/// `-q`: errors only. capture and restore print no report (before: the
+/// report was printed whatever -q said); --json is still printed; an error
+/// still reaches stderr.
+#[test]
+fn quiet_silences_the_reports_but_not_json_or_errors() {
+    let s = setup("quiet");
+    let out = s.dir.join("q.json").display().to_string();
+    let r = run(
+        s.dir.path(),
+        &[
+            "-q",
+            "capture",
+            "--api-socket",
+            s.vmm.socket_str(),
+            "--vm",
+            "vm1",
+            "-o",
+            &out,
+        ],
+    );
+    r.expect(0);
+    assert_eq!(r.stdout, "", "capture -q printed a report");
+    s.vmm.with(|st| st.vm.state = RunState::Paused);
+    let r = restore(&s, &["-q", "--dry-run"]);
+    r.expect(0);
+    assert_eq!(r.stdout, "", "restore -q printed a report");
+    let r = restore(&s, &["-q", "--dry-run", "--json"]);
+    r.expect(0);
+    assert_eq!(r.json()["outcome"], "dry_run");
+    let r = restore(&s, &["-q", "--max-elapsed", "1ns"]);
+    r.expect(3).stderr_has("--max-elapsed");
+    // Without -q the report is there.
+    let r = restore(&s, &["--dry-run"]);
+    r.expect(0).stdout_has("dry run");
+}

@@ -11,7 +11,7 @@ use clockcarry::plan::PlanMode;
 use clockcarry::vmclock_api::ClockPut;
 use serde::Serialize;
 
-use super::common::{self, plan_error, print_json, print_text};
+use super::common::{self, plan_error, print_json, print_report};
 use super::exit::{CliError, CliResult, Exit, EXIT_STATUS_HELP};
 use super::hostinfo;
 use super::units::human_ns;
@@ -242,7 +242,7 @@ pub fn run(args: &ArmArgs) -> CliResult<Exit> {
     if args.json {
         print_json(&rep)?;
     } else {
-        print_text(&human(&rep));
+        print_report(&human(&rep));
     }
     Ok(Exit::Ok)
 }

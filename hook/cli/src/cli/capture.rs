@@ -10,7 +10,7 @@ use clockcarry::model::RunState;
 use clockcarry::sidecar::{check_replaceable, Sidecar, SidecarBody, SidecarError};
 use serde::Serialize;
 
-use super::common::{self, api_error, print_json, print_text};
+use super::common::{self, api_error, print_json, print_report};
 use super::exit::{CliError, CliResult, Exit, EXIT_STATUS_HELP};
 use super::hostinfo::{self, HostRate};
 use super::units::human_ns;
@@ -323,7 +323,7 @@ pub fn run(args: &CaptureArgs) -> CliResult<Exit> {
             .lock()
             .write_all(human(&summary).as_bytes());
     } else {
-        print_text(&human(&summary));
+        print_report(&human(&summary));
     }
     Ok(Exit::Ok)
 }

@@ -272,6 +272,24 @@ pub fn print_json<T: Serialize>(value: &T) -> CliResult<()> {
     Ok(())
 }
 
+/// `-q` was given: [`print_report`] prints nothing.
+static QUIET: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Records `-q` for [`print_report`].
+pub fn set_quiet(quiet: bool) {
+    QUIET.store(quiet, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// The human report of an operation (capture, restore, arm): on stdout,
+/// unless `-q` asked for errors only. (`--json` output and the reports of
+/// the commands whose output is their purpose, such as `check` and
+/// `inspect`, go through [`print_json`] / [`print_text`] regardless.)
+pub fn print_report(text: &str) {
+    if !QUIET.load(std::sync::atomic::Ordering::Relaxed) {
+        print_text(text);
+    }
+}
+
 /// Writes text to stdout; a closed stdout is ignored.
 pub fn print_text(text: &str) {
     let mut out = std::io::stdout().lock();

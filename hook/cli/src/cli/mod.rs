@@ -84,7 +84,8 @@ pub struct Cli {
     /// More log output (-v: debug, -vv: trace).
     #[arg(short, long, global = true, action = clap::ArgAction::Count, help_heading = "Logging")]
     verbose: u8,
-    /// Log errors only.
+    /// Errors only: no log below error, and no human report on stdout from
+    /// capture, restore and arm (--json output is still printed).
     #[arg(
         short,
         long,
@@ -314,6 +315,7 @@ pub fn run(args: Vec<OsString>) -> ExitCode {
         }
     };
     logger::init(level, cli.log_target);
+    common::set_quiet(cli.quiet);
     let result = match cli.command {
         Command::Capture(a) => capture::run(&a),
         Command::Restore(a) => restore::run(&a),

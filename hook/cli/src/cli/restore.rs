@@ -18,7 +18,7 @@ use clockcarry::model::{ClockPolicy, OnFailure, Policy, RunState, VmClock};
 use clockcarry::plan::{self, Destination, Plan, PlanMode};
 use clockcarry::sidecar::Sidecar;
 
-use super::common::{self, api_error, plan_error, print_json, print_text};
+use super::common::{self, api_error, plan_error, print_json, print_report};
 use super::exit::{CliError, CliResult, Exit, EXIT_STATUS_HELP};
 use super::hostinfo;
 use super::lock;
@@ -223,7 +223,7 @@ pub fn run(args: &RestoreArgs) -> CliResult<Exit> {
             if args.json {
                 print_json(&r.rep)?;
             } else {
-                print_text(&human(&r.rep));
+                print_report(&human(&r.rep));
             }
             Ok(Exit::Ok)
         }
@@ -249,7 +249,7 @@ pub fn run(args: &RestoreArgs) -> CliResult<Exit> {
                 print_json(&r.rep)?;
             } else if r.rep.summary.is_some() {
                 // Show what was planned: it explains the failure.
-                print_text(&human(&r.rep));
+                print_report(&human(&r.rep));
             }
             Err(CliError {
                 next: Some(next),
