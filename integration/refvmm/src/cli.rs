@@ -35,6 +35,8 @@ OPTIONS:
     --name NAME              label of this VMM's probe reports (default vm)
     --probe-log PATH         append the probe's reports, stamped with host
                              CLOCK_TAI, as JSON lines
+    --probe-log-max-mib N    rotate the probe log to PATH.1 at N MiB, so it
+                             never holds much more than 2N MiB (default 64)
     --serial PATH            COM1 output file (truncated at VM creation)
     --probe-text             do not answer the probe's magic: it reports as
                              text on COM1, as under other VMMs
@@ -117,6 +119,7 @@ pub fn parse(args: Vec<String>) -> Result<Command, String> {
     let mut socket = None;
     let mut kernel: Option<String> = None;
     let (mut cpus, mut memory_mib) = (1u32, 4u64);
+    let mut log_max_mib: u64 = crate::probelog::DEFAULT_MAX_BYTES >> 20;
     let mut options = VmOptions::default();
     let mut log_path = None;
     while let Some(a) = first.take().or_else(|| it.next()) {
@@ -129,6 +132,7 @@ pub fn parse(args: Vec<String>) -> Result<Command, String> {
             "--clock-extension" => options.clock_extension = true,
             "--name" => options.name = value(&mut it, &a)?,
             "--probe-log" => log_path = Some(PathBuf::from(value(&mut it, &a)?)),
+            "--probe-log-max-mib" => log_max_mib = number(&value(&mut it, &a)?, &a)?,
             "--serial" => options.serial = Some(PathBuf::from(value(&mut it, &a)?)),
             "--probe-text" => options.text_mode = true,
             "--report-interval-us" => {
@@ -160,8 +164,12 @@ pub fn parse(args: Vec<String>) -> Result<Command, String> {
     if !(2..=1024).contains(&memory_mib) {
         return Err(format!("--memory-mib {memory_mib}: 2 to 1024"));
     }
+    if !(1..=65_536).contains(&log_max_mib) {
+        return Err(format!("--probe-log-max-mib {log_max_mib}: 1 to 65536"));
+    }
     if let Some(p) = log_path {
-        let log = ProbeLog::open(&p).map_err(|e| format!("--probe-log {}: {e}", p.display()))?;
+        let log = ProbeLog::open_bounded(&p, log_max_mib << 20)
+            .map_err(|e| format!("--probe-log {}: {e}", p.display()))?;
         options.log = Some(Arc::new(log));
     }
     let boot = match kernel {
@@ -265,6 +273,7 @@ mod tests {
     fn refuses_bad_arguments() {
         assert!(parse(args("--api-socket /tmp/s --cpus 65")).is_err());
         assert!(parse(args("--api-socket /tmp/s --cpus 0")).is_err());
+        assert!(parse(args("--api-socket /tmp/s --probe-log-max-mib 0")).is_err());
         assert!(parse(args("--api-socket /tmp/s --cpus x")).is_err());
         assert!(parse(args("--api-socket /tmp/s --baseline vmware")).is_err());
         assert!(parse(args("--cpus 1")).is_err());

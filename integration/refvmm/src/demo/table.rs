@@ -508,7 +508,9 @@ mod tests {
         .expect("ok")
         .expect("options");
         assert_eq!(o.bench, Some((vec![1, 64], 3)));
-        let o = parse(args(&["--in-process"])).expect("ok").expect("options");
+        let o = parse(args(&["--in-process"]))
+            .expect("ok")
+            .expect("options");
         assert_eq!(o.bench, None);
         for bad in [
             &["--bench-vcpus", "0"][..],
