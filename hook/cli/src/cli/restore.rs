@@ -659,10 +659,19 @@ pub fn human(rep: &RestoreReport) -> String {
         line(
             &mut out,
             "TSC advance",
-            format!(
-                "{} cycles (floor {} cycles)",
-                s.advance_cycles, s.floor_cycles
-            ),
+            match s.mode {
+                // The offsets are copied: the guest TSC has advanced with
+                // the host's since the capture, not by anything written.
+                PlanMode::SameHost => format!(
+                    "{} cycles since the capture, the host TSC's own: the captured offsets \
+                     are kept as they are (floor {} cycles)",
+                    s.advance_cycles, s.floor_cycles
+                ),
+                PlanMode::CrossHost => format!(
+                    "{} cycles over the capture value, on every vCPU (floor {} cycles)",
+                    s.advance_cycles, s.floor_cycles
+                ),
+            },
         );
         line(
             &mut out,
