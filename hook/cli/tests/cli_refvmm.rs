@@ -585,3 +585,48 @@ fn applied_and_resumed(bin: &Path, dir: &TempDir, src: RefVmm, body: &str, url: 
         println!("SKIP (offsets only): TSC offsets are inert on this host");
     }
 }
+
+/// An in-place pause (capture, pause, restore without any snapshot): the
+/// VMM refuses the PUT (its vCPUs have run), restore exits 4 and says the
+/// VM needs no restore, not "fix the cause" (before: the generic advice).
+#[test]
+fn refvmm_restore_after_an_in_place_pause_says_none_is_needed() {
+    if let Some(why) = skip() {
+        println!("SKIP: {why}");
+        return;
+    }
+    let bin: PathBuf = refvmm_binary().expect("refvmm binary");
+    let dir = TempDir::new("rv-inplace");
+    let vmm = RefVmm::spawn(
+        &bin,
+        dir.path(),
+        "vm",
+        &["--kernel", "probe", "--cpus", "2", "--clock-extension"],
+    )
+    .expect("VMM");
+    let sidecar = dir.join("vm1.sidecar.json").display().to_string();
+    run(
+        dir.path(),
+        &[
+            "capture",
+            "--api-socket",
+            vmm.socket_str(),
+            "--vm",
+            "vm1",
+            "-o",
+            &sidecar,
+        ],
+    )
+    .expect(0);
+    vmm.put_ok("/api/v1/vm.pause", None);
+    let r = run(
+        dir.path(),
+        &["restore", "--api-socket", vmm.socket_str(), "-i", &sidecar],
+    );
+    r.expect(4)
+        .stderr_has("\n  next: VM vm1 was not touched")
+        .stderr_has("paused in place")
+        .stderr_has("nothing needs restoring: resume it");
+    assert!(!r.stderr.contains("Fix the cause"), "{}", r.stderr);
+    assert_eq!(vmm.info()["clockcarry"]["clock_put"], false);
+}

@@ -161,6 +161,19 @@ fn running_next(state: RunState, vm: Option<&str>) -> String {
     )
 }
 
+/// What a VMM's "the vCPUs have run since the restore" refusal means.
+fn in_place_next(vm: Option<&str>) -> String {
+    let vm = vm.map_or_else(|| "the VM".to_string(), |id| format!("VM {id}"));
+    format!(
+        "{vm} was not touched. Its vCPUs have run since it was last restored or received, so \
+         it was paused in place, or resumed after a restore: paused in place (pause, then \
+         resume, in the same VMM), its TSC and kvm-clock never stopped counting and nothing \
+         needs restoring: resume it. If it was restored or received and resumed since, its \
+         clock can no longer be carried: leave it on the VMM's clocks, or restore it again \
+         with resume=false and run clockcarry restore before resuming"
+    )
+}
+
 fn outcome_of(exit: Exit) -> Outcome {
     match exit {
         Exit::Ok => Outcome::Applied,
@@ -502,7 +515,15 @@ impl Restore<'_> {
             ),
             _ => (Exit::Unknown, "PUT vm.clock failed"),
         };
-        CliError::new(exit, format!("{what}: {e}; {seen}"))
+        let err = CliError::new(exit, format!("{what}: {e}; {seen}"));
+        match failure.map(|f| f.outcome) {
+            // The vCPUs ran since any restore: an in-place pause, whose
+            // clocks never stopped counting, or a restored VM resumed since.
+            Some(PutOutcome::WrongState) if unchanged => {
+                err.with_next(in_place_next(self.rep.vm_id.as_deref()))
+            }
+            _ => err,
+        }
     }
 
     /// The read-back differs from the plan: put the previous offsets back.
