@@ -226,7 +226,8 @@ pub fn run(args: &CaptureArgs) -> CliResult<Exit> {
     let (identity, rate) = hostinfo::identity(args.host_tsc_khz)?;
     let sample = hostinfo::sample(rate.khz)?;
 
-    let mut warnings = Vec::new();
+    // A capture may be restored anywhere: every host check applies.
+    let mut warnings = hostinfo::host_warnings(&identity, &sample, true);
     if !vm_clock.capabilities.tsc_offset_effective {
         warnings.push(
             "the VMM reports TSC offsets inert on this host (capabilities.tsc_offset = false)"

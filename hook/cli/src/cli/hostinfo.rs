@@ -287,3 +287,109 @@ fn identity_with(override_khz: Option<u32>, boot_id: &str) -> CliResult<(HostIde
 pub fn sample(khz: u32) -> CliResult<HostSample> {
     host::sample(host::DEFAULT_TRIES, khz).map_err(host_err)
 }
+
+/// What `check` would fail on this host, from what `capture` and `restore`
+/// read anyway: each a warning naming the fix. `uses_tai`: whether the
+/// operation relies on this host's CLOCK_TAI (a capture may go anywhere;
+/// a same-host or freeze restore does not use it).
+pub fn host_warnings(identity: &HostIdentity, sample: &HostSample, uses_tai: bool) -> Vec<String> {
+    let mut out = Vec::new();
+    if uses_tai && sample.tai_offset_s == 0 {
+        out.push(
+            "this host's kernel does not know TAI - UTC (adjtimex tai = 0): CLOCK_TAI is UTC \
+             here, so leap seconds leak in and hosts that know the offset disagree with it by \
+             37 s; set it (chrony: `leapsectz right/UTC`; ntpd: `leapfile`; ptp4l sets it), \
+             see `clockcarry check`"
+                .to_string(),
+        );
+    }
+    if uses_tai && !sample.quality.synchronised {
+        out.push(format!(
+            "this host's clock is NOT synchronised (adjtimex): a cross-host restore counts its \
+             maxerror ({} ns) in the error bound and --require-sync refuses it; start and sync \
+             its time service (chronyd, ntpd, ptp4l), see `clockcarry check`",
+            sample.quality.maxerror_ns
+        ));
+    }
+    let f = &identity.tsc_flags;
+    if !f.constant_tsc || !f.nonstop_tsc {
+        out.push(format!(
+            "this host's TSC is not constant and non-stop (constant_tsc {}, nonstop_tsc {} in \
+             /proc/cpuinfo): guest TSC arithmetic assumes both; do not carry VMs to or from \
+             this host",
+            f.constant_tsc, f.nonstop_tsc
+        ));
+    }
+    out
+}
+
+#[cfg(test)]
+mod warning_tests {
+    use super::host_warnings;
+    use clockcarry::model::{ClockQuality, HostIdentity, HostSample, LeapPending, TscFlags};
+
+    fn host(constant: bool, nonstop: bool) -> HostIdentity {
+        HostIdentity {
+            hostname: "h".into(),
+            boot_id: "b".into(),
+            kernel_release: "6.1".into(),
+            tsc_khz: 2_000_000,
+            tsc_flags: TscFlags {
+                constant_tsc: constant,
+                nonstop_tsc: nonstop,
+                tsc_known_freq: true,
+            },
+            clocksource: "tsc".into(),
+        }
+    }
+
+    fn sample(tai_offset_s: i32, synchronised: bool) -> HostSample {
+        HostSample {
+            host_tsc: 1,
+            tai_ns: 1,
+            realtime_ns: 1,
+            tai_offset_s,
+            uncertainty_ns: 10,
+            quality: ClockQuality {
+                synchronised,
+                maxerror_ns: 16_000_000_000,
+                esterror_ns: 0,
+                leap_pending: LeapPending::None,
+            },
+        }
+    }
+
+    #[test]
+    fn a_good_host_gets_no_warning() {
+        assert!(host_warnings(&host(true, true), &sample(37, true), true).is_empty());
+    }
+
+    #[test]
+    fn each_failing_check_is_a_warning_naming_the_fix() {
+        let w = host_warnings(&host(true, true), &sample(0, true), true);
+        assert_eq!(w.len(), 1);
+        assert!(w[0].contains("leapsectz right/UTC"), "{w:?}");
+        let w = host_warnings(&host(true, true), &sample(37, false), true);
+        assert_eq!(w.len(), 1);
+        assert!(
+            w[0].contains("NOT synchronised") && w[0].contains("chronyd"),
+            "{w:?}"
+        );
+        let w = host_warnings(&host(false, true), &sample(37, true), true);
+        assert_eq!(w.len(), 1);
+        assert!(w[0].contains("constant_tsc false"), "{w:?}");
+        assert_eq!(
+            host_warnings(&host(true, false), &sample(0, false), true).len(),
+            3
+        );
+    }
+
+    #[test]
+    fn the_clock_checks_only_where_tai_is_used() {
+        assert!(host_warnings(&host(true, true), &sample(0, false), false).is_empty());
+        assert_eq!(
+            host_warnings(&host(true, false), &sample(0, false), false).len(),
+            1
+        );
+    }
+}

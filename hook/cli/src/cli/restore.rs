@@ -346,6 +346,10 @@ impl Restore<'_> {
         self.rep.destination = Some(dst.clone());
         let plan = planned.map_err(|e| plan_error(&e))?;
         self.rep.timings.plan_ns = ns_since(t);
+        let uses_tai = plan.mode == PlanMode::CrossHost && plan.policy == ClockPolicy::KeepRunning;
+        for w in hostinfo::host_warnings(&dst.identity, &dst.sample, uses_tai) {
+            self.warn(w);
+        }
         let summary = PlanSummary::new(body, &dst, &plan);
         self.rep.vcpus = report::corrections(body, &before, &plan);
         self.rep.kvmclock = Some(KvmClockReport::new(
