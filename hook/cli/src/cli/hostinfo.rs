@@ -306,9 +306,9 @@ pub fn host_warnings(identity: &HostIdentity, sample: &HostSample, uses_tai: boo
     if uses_tai && !sample.quality.synchronised {
         out.push(format!(
             "this host's clock is NOT synchronised (adjtimex): a cross-host restore counts its \
-             maxerror ({} ns) in the error bound and --require-sync refuses it; start and sync \
+             maxerror ({}) in the error bound and --require-sync refuses it; start and sync \
              its time service (chronyd, ntpd, ptp4l), see `clockcarry check`",
-            sample.quality.maxerror_ns
+            super::units::human_ns(sample.quality.maxerror_ns)
         ));
     }
     let f = &identity.tsc_flags;
