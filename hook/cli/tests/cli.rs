@@ -1423,3 +1423,160 @@ fn quiet_silences_the_reports_but_not_json_or_errors() {
         .stdout_has("dry run")
         .stdout_has("the host TSC's own: the captured offsets are kept");
 }
+
+/// The parser the metrics are checked with: Debian's python3 with the
+/// Prometheus project's own client library (python3-prometheus-client),
+/// `text_string_to_metric_families`. Prints each sample as JSON.
+const PROM_PARSE: &str = r#"
+import json, sys
+from prometheus_client.parser import text_string_to_metric_families
+out = []
+for fam in text_string_to_metric_families(sys.stdin.read()):
+    for s in fam.samples:
+        out.append({"family": fam.name, "type": fam.type, "name": s.name,
+                    "labels": s.labels, "value": s.value})
+print(json.dumps(out))
+"#;
+
+fn parse_prom(text: &str) -> Result<Vec<Value>, String> {
+    use std::io::Write;
+    let mut child = std::process::Command::new("/usr/bin/python3")
+        .args(["-c", PROM_PARSE])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("/usr/bin/python3: {e}"))?;
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(text.as_bytes())
+        .expect("write");
+    let out = child.wait_with_output().expect("python3");
+    if !out.status.success() {
+        return Err(String::from_utf8_lossy(&out.stderr).into_owned());
+    }
+    Ok(serde_json::from_slice::<Vec<Value>>(&out.stdout).expect("parser JSON"))
+}
+
+/// With CLOCKCARRY_METRICS_DIR, capture and restore (one applied, one
+/// refused) leave clockcarry_vm1.prom, mode 0644, which the Prometheus
+/// client's own parser reads: the last run of each operation, its outcome,
+/// bound and kvm-clock error, and counters of runs and failures by exit code.
+#[test]
+fn metrics_are_written_in_the_exposition_format() {
+    let probe = std::process::Command::new("/usr/bin/python3")
+        .args(["-c", "import prometheus_client.parser"])
+        .output();
+    if !probe.map(|o| o.status.success()).unwrap_or(false) {
+        println!(
+            "SKIP: no /usr/bin/python3 with prometheus_client (apt-get install \
+             python3-prometheus-client; .ci/run installs it)"
+        );
+        return;
+    }
+    let s = setup("metrics");
+    // Its own directory: the sandbox's metrics/ already has setup's capture.
+    let dir = s.dir.join("metrics-here");
+    std::fs::create_dir_all(&dir).unwrap();
+    let with_metrics = |args: &[&str]| {
+        cli_support::finish(
+            cli_support::cmd(s.dir.path())
+                .env("CLOCKCARRY_METRICS_DIR", &dir)
+                .args(args)
+                .output()
+                .expect("run"),
+        )
+    };
+    let out = s.dir.join("m.json").display().to_string();
+    s.vmm.with(|st| st.vm.state = RunState::Running);
+    with_metrics(&[
+        "capture",
+        "--api-socket",
+        s.vmm.socket_str(),
+        "--vm",
+        "vm1",
+        "-o",
+        &out,
+    ])
+    .expect(0);
+    s.vmm.with(|st| st.vm.state = RunState::Paused);
+    let restore_args = |extra: &[&'static str]| {
+        let mut a = vec![
+            "restore".to_string(),
+            "--api-socket".into(),
+            s.vmm.socket_str().to_string(),
+            "-i".into(),
+            out.clone(),
+        ];
+        a.extend(extra.iter().map(|x| x.to_string()));
+        a
+    };
+    let refused = restore_args(&["--max-elapsed", "1ns"]);
+    let refused: Vec<&str> = refused.iter().map(String::as_str).collect();
+    with_metrics(&refused).expect(3);
+    let applied = restore_args(&[]);
+    let applied: Vec<&str> = applied.iter().map(String::as_str).collect();
+    let r = with_metrics(&applied);
+    r.expect(0)
+        .stderr_has("operation=restore vm=\"vm1\" exit_code=0 outcome=applied mode=same-host");
+
+    check_metrics_file(&dir.join("clockcarry_vm1.prom"));
+}
+
+/// The file of [`metrics_are_written_in_the_exposition_format`]: one
+/// capture, a refused (exit 3) and an applied restore, read by the parser.
+fn check_metrics_file(prom: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(prom).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o644);
+    let text = std::fs::read_to_string(prom).unwrap();
+    let samples = parse_prom(&text).unwrap_or_else(|e| panic!("{e}\n{text}"));
+    let find = |name: &str, op: &str| -> Option<f64> {
+        samples
+            .iter()
+            .find(|s| {
+                s["name"] == name
+                    && s["labels"]["vm"] == "vm1"
+                    && (op.is_empty() || s["labels"]["operation"] == op)
+            })
+            .and_then(|s| s["value"].as_f64())
+    };
+    assert_eq!(
+        find("clockcarry_runs_total", "restore"),
+        Some(2.0),
+        "{text}"
+    );
+    assert_eq!(
+        find("clockcarry_runs_total", "capture"),
+        Some(1.0),
+        "{text}"
+    );
+    assert_eq!(find("clockcarry_last_run_success", "restore"), Some(1.0));
+    assert_eq!(find("clockcarry_last_run_exit_code", "capture"), Some(0.0));
+    assert_eq!(
+        find("clockcarry_last_run_error_bound_seconds", "restore"),
+        Some(0.0)
+    );
+    let kvm = find("clockcarry_last_restore_kvmclock_error_seconds", "").expect("kvm-clock");
+    assert!(kvm.abs() < 1e-6, "{kvm}");
+    let added = find("clockcarry_last_restore_blackout_added_seconds", "").expect("added");
+    assert!(added > 0.0 && added < 10.0, "{added}");
+    let failures: Vec<&Value> = samples
+        .iter()
+        .filter(|s| s["name"] == "clockcarry_failures_total")
+        .collect();
+    assert_eq!(failures.len(), 1, "{text}");
+    assert_eq!(failures[0]["labels"]["exit_code"], "3");
+    assert_eq!(failures[0]["labels"]["operation"], "restore");
+    assert_eq!(failures[0]["value"].as_f64(), Some(1.0));
+    // Counters are typed as such; the file names no other VM.
+    assert!(samples
+        .iter()
+        .filter(|s| s["family"] == "clockcarry_runs")
+        .all(|s| s["type"] == "counter"));
+    assert!(samples.iter().all(|s| s["labels"]["vm"] == "vm1"));
+    let ts = find("clockcarry_last_run_timestamp_seconds", "restore").unwrap();
+    assert!(ts > 1.7e9, "{ts}");
+}

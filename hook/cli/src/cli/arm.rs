@@ -174,9 +174,13 @@ pub fn run(args: &ArmArgs) -> CliResult<Exit> {
         (None, Some(vm)) => common::default_sidecar_path(vm)?,
         (None, None) => return Err(CliError::bad_input("give the sidecar with -i, or --vm")),
     };
+    if let Some(vm) = &args.vm {
+        super::metrics::note(vm, |_| {});
+    }
     let key = common::load_key(args.key.as_deref())?;
     let sidecar = common::read_sidecar(&path, key.as_ref())?;
     let body = &sidecar.body;
+    super::metrics::note(&body.vm.id, |_| {});
     if let Some(vm) = &args.vm {
         if *vm != body.vm.id {
             return Err(CliError::bad_input(format!(
@@ -199,6 +203,10 @@ pub fn run(args: &ArmArgs) -> CliResult<Exit> {
         args.valid_for,
     )
     .map_err(|e| arm_error(&e))?;
+    super::metrics::note(&body.vm.id, |m| {
+        m.mode = Some(super::restore::mode_name(plan.mode).to_string());
+        m.error_bound_ns = Some(plan.error_bound.total_ns);
+    });
 
     let resume = !args.no_resume;
     let (wrote, bytes) = match (&args.for_restore, &args.for_receive) {

@@ -198,6 +198,7 @@ pub fn run(args: &CaptureArgs) -> CliResult<Exit> {
             "--vm must be 1 to 1024 bytes without control characters",
         ));
     }
+    super::metrics::note(&args.vm, |_| {});
     let to_stdout = args.output.as_deref() == Some(Path::new("-"));
     if to_stdout && args.json {
         return Err(CliError::bad_input(

@@ -11,6 +11,7 @@ mod hostinfo;
 mod inspect;
 mod lock;
 mod logger;
+mod metrics;
 mod offline;
 mod report;
 mod restore;
@@ -316,6 +317,12 @@ pub fn run(args: Vec<OsString>) -> ExitCode {
     };
     logger::init(level, cli.log_target);
     common::set_quiet(cli.quiet);
+    let operation = match &cli.command {
+        Command::Capture(_) => Some("capture"),
+        Command::Restore(_) => Some("restore"),
+        Command::Arm(_) => Some("arm"),
+        _ => None,
+    };
     let result = match cli.command {
         Command::Capture(a) => capture::run(&a),
         Command::Restore(a) => restore::run(&a),
@@ -327,6 +334,9 @@ pub fn run(args: Vec<OsString>) -> ExitCode {
         Command::Serve(a) => serve::run(&a),
         Command::Libvirt { args } => return libvirt_command(&args),
     };
+    if let Some(op) = operation {
+        metrics::finish(op, result.as_ref().map_or_else(|e| e.exit, |x| *x));
+    }
     match result {
         Ok(exit) => exit.into(),
         Err(err) => {

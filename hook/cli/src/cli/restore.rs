@@ -149,6 +149,33 @@ fn advice(exit: Exit, on_failure: OnFailure, vm: &str) -> String {
     }
 }
 
+/// What this run tells the metrics file (written when the command ends).
+fn note_metrics(rep: &RestoreReport) {
+    let Some(vm) = rep.vm_id.as_deref() else {
+        return;
+    };
+    super::metrics::note(vm, |m| {
+        m.outcome = serde_json::to_value(rep.outcome)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_string));
+        m.mode = rep.summary.as_ref().map(|s| mode_name(s.mode).to_string());
+        m.error_bound_ns = rep.summary.as_ref().map(|s| s.error_bound.total_ns);
+        m.kvmclock_error_ns = rep
+            .kvmclock
+            .as_ref()
+            .and_then(|k| k.verified_error_ns.or(k.vmm_error_ns));
+        m.blackout_added_ns = rep.timings.to_put_answered_ns;
+    });
+}
+
+/// `same-host` / `cross-host`, as the JSON says it.
+pub fn mode_name(mode: PlanMode) -> &'static str {
+    match mode {
+        PlanMode::SameHost => "same-host",
+        PlanMode::CrossHost => "cross-host",
+    }
+}
+
 /// What a VM that is not paused means for its clock.
 fn running_next(state: RunState, vm: Option<&str>) -> String {
     let vm = vm.map_or_else(|| "the VM".to_string(), |id| format!("VM {id}"));
@@ -233,6 +260,7 @@ pub fn run(args: &RestoreArgs) -> CliResult<Exit> {
     match result {
         Ok(()) => {
             r.rep.exit_code = Exit::Ok.code();
+            note_metrics(&r.rep);
             if args.json {
                 print_json(&r.rep)?;
             } else {
@@ -253,6 +281,7 @@ pub fn run(args: &RestoreArgs) -> CliResult<Exit> {
                 .unwrap_or_else(|| advice(err.exit, policy.on_failure, &vm));
             r.rep.outcome = outcome_of(err.exit);
             r.rep.exit_code = err.exit.code();
+            note_metrics(&r.rep);
             r.rep.error = Some(err.message.clone());
             r.rep.advice = Some(match &err.hint {
                 Some(h) => format!("{h}; {next}"),

@@ -102,7 +102,7 @@ impl Run {
     }
 }
 
-fn finish(out: Output) -> Run {
+pub fn finish(out: Output) -> Run {
     Run {
         code: out.status.code().unwrap_or(-1),
         stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -119,6 +119,7 @@ pub const SANDBOX_ENV: &[(&str, &str)] = &[
     ("CLOCKCARRY_STATE_DIR", "state"),
     ("CLOCKCARRY_LIBVIRT_CONFIG", "libvirt.conf"),
     ("CLOCKCARRY_CONFIG", "clockcarry.conf"),
+    ("CLOCKCARRY_METRICS_DIR", "metrics"),
 ];
 
 /// Points every path the binary would otherwise take from the host (the
@@ -130,6 +131,7 @@ pub const SANDBOX_ENV: &[(&str, &str)] = &[
 /// configuration named by `CLOCKCARRY_CONFIG` must exist.
 pub fn sandbox<'a>(c: &'a mut Command, env_dir: &Path) -> &'a mut Command {
     let conf = env_dir.join("clockcarry.conf");
+    let _ = std::fs::create_dir_all(env_dir.join("metrics"));
     let _ = std::fs::OpenOptions::new()
         .append(true)
         .create(true)
