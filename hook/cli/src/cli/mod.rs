@@ -58,15 +58,15 @@ fn after_help_main() -> String {
         "{EXIT_STATUS_HELP}
 
 EXAMPLES
-    Live migration with Cloud Hypervisor (source, then destination):
+    Live migration with Cloud Hypervisor (the receive first: it waits for the sender):
         clockcarry capture --api-socket /run/ch.sock --vm web-1 -o /shared/web-1.json
+        ch-remote --api-socket /run/ch-dst.sock receive-migration ...,resume=false &
         ch-remote --api-socket /run/ch.sock send-migration ...
-        ch-remote --api-socket /run/ch-dst.sock receive-migration ...,resume=false
         clockcarry restore --api-socket /run/ch-dst.sock -i /shared/web-1.json --vm web-1
         ch-remote --api-socket /run/ch-dst.sock resume
 
 SEE ALSO
-    docs/cli.md, docs/design.md, docs/sidecar.md"
+    docs/cli.md, docs/runbooks.md, docs/design.md, docs/sidecar.md"
     )
 }
 
