@@ -18,6 +18,26 @@ use clockcarry::model::RunState;
 use clockcarry::sidecar::Sidecar;
 use serde_json::Value;
 
+/// `clockcarry capture` of VM `vm1` in `vmm` into `dir/vm1.sidecar.json`
+/// (which it answers), exit 0.
+fn capture_vm1(dir: &TempDir, vmm: &RefVmm) -> String {
+    let sidecar = dir.join("vm1.sidecar.json").display().to_string();
+    run(
+        dir.path(),
+        &[
+            "capture",
+            "--api-socket",
+            vmm.socket_str(),
+            "--vm",
+            "vm1",
+            "-o",
+            &sidecar,
+        ],
+    )
+    .expect(0);
+    sidecar
+}
+
 /// A VM captured while running in one VMM, snapshotted, and restored paused
 /// (vm.restore with resume=false) in a second one.
 struct Restored {
@@ -435,20 +455,7 @@ fn refvmm_arm_then_restore_with_the_armed_body() {
     ];
     let effective = src.clock().capabilities.tsc_offset_effective;
     std::thread::sleep(std::time::Duration::from_millis(100));
-    let sidecar = dir.join("vm1.sidecar.json").display().to_string();
-    run(
-        dir.path(),
-        &[
-            "capture",
-            "--api-socket",
-            src.socket_str(),
-            "--vm",
-            "vm1",
-            "-o",
-            &sidecar,
-        ],
-    )
-    .expect(0);
+    let sidecar = capture_vm1(&dir, &src);
     let snap = dir.join("snap");
     let url = format!("file://{}", snap.display());
     let armed = dir.join("restore.json").display().to_string();
@@ -604,20 +611,7 @@ fn refvmm_restore_after_an_in_place_pause_says_none_is_needed() {
         &["--kernel", "probe", "--cpus", "2", "--clock-extension"],
     )
     .expect("VMM");
-    let sidecar = dir.join("vm1.sidecar.json").display().to_string();
-    run(
-        dir.path(),
-        &[
-            "capture",
-            "--api-socket",
-            vmm.socket_str(),
-            "--vm",
-            "vm1",
-            "-o",
-            &sidecar,
-        ],
-    )
-    .expect(0);
+    let sidecar = capture_vm1(&dir, &vmm);
     vmm.put_ok("/api/v1/vm.pause", None);
     let r = run(
         dir.path(),

@@ -169,11 +169,7 @@ pub fn run(args: &ArmArgs) -> CliResult<Exit> {
             "--no-resume: only with --for-restore or --for-receive (the body alone has no resume)",
         ));
     }
-    let path = match (&args.input, &args.vm) {
-        (Some(p), _) => p.clone(),
-        (None, Some(vm)) => common::default_sidecar_path(vm)?,
-        (None, None) => return Err(CliError::bad_input("give the sidecar with -i, or --vm")),
-    };
+    let path = common::sidecar_path(args.input.as_deref(), args.vm.as_deref())?;
     if let Some(vm) = &args.vm {
         super::metrics::note(vm, |_| {});
     }
@@ -181,16 +177,7 @@ pub fn run(args: &ArmArgs) -> CliResult<Exit> {
     let sidecar = common::read_sidecar(&path, key.as_ref())?;
     let body = &sidecar.body;
     super::metrics::note(&body.vm.id, |_| {});
-    if let Some(vm) = &args.vm {
-        if *vm != body.vm.id {
-            return Err(CliError::bad_input(format!(
-                "sidecar {} is for VM {:?}, not {vm:?}",
-                path.display(),
-                body.vm.id
-            ))
-            .with_hint("this sidecar belongs to another VM: give the right -i"));
-        }
-    }
+    common::check_sidecar_vm(&path, &sidecar, args.vm.as_deref())?;
     let (identity, rate) = hostinfo::identity(args.host_tsc_khz)?;
     let sample = hostinfo::sample(rate.khz)?;
     let policy = args.policy.policy();

@@ -194,6 +194,28 @@ pub fn state_dir() -> PathBuf {
         .map_or_else(|| PathBuf::from(DEFAULT_STATE_DIR), PathBuf::from)
 }
 
+/// The sidecar `-i` names, else `--vm`'s at [`default_sidecar_path`].
+pub fn sidecar_path(input: Option<&Path>, vm: Option<&str>) -> CliResult<PathBuf> {
+    match (input, vm) {
+        (Some(p), _) => Ok(p.to_path_buf()),
+        (None, Some(vm)) => default_sidecar_path(vm),
+        (None, None) => Err(CliError::bad_input("give the sidecar with -i, or --vm")),
+    }
+}
+
+/// With `--vm`, the sidecar at `path` must be that VM's.
+pub fn check_sidecar_vm(path: &Path, sidecar: &Sidecar, vm: Option<&str>) -> CliResult<()> {
+    match vm {
+        Some(vm) if vm != sidecar.body.vm.id => Err(CliError::bad_input(format!(
+            "sidecar {} is for VM {:?}, not {vm:?}",
+            path.display(),
+            sidecar.body.vm.id
+        ))
+        .with_hint("this sidecar belongs to another VM: give the right -i")),
+        _ => Ok(()),
+    }
+}
+
 /// The default sidecar path of a VM: `<state dir>/<id>.sidecar.json`.
 pub fn default_sidecar_path(id: &str) -> CliResult<PathBuf> {
     check_path_vm_id(id)?;

@@ -305,25 +305,12 @@ impl Restore<'_> {
     fn restore(&mut self) -> CliResult<()> {
         let args = self.args;
         let t = Instant::now();
-        let path = match (&args.input, &args.vm) {
-            (Some(p), _) => p.clone(),
-            (None, Some(vm)) => common::default_sidecar_path(vm)?,
-            (None, None) => return Err(CliError::bad_input("give the sidecar with -i, or --vm")),
-        };
+        let path = common::sidecar_path(args.input.as_deref(), args.vm.as_deref())?;
         self.rep.sidecar = path.display().to_string();
         let key = common::load_key(args.key.as_deref())?;
         let sidecar = common::read_sidecar(&path, key.as_ref())?;
         let body = &sidecar.body;
-        if let Some(vm) = &args.vm {
-            if *vm != body.vm.id {
-                return Err(CliError::bad_input(format!(
-                    "sidecar {} is for VM {:?}, not {vm:?}",
-                    path.display(),
-                    body.vm.id
-                ))
-                .with_hint("this sidecar belongs to another VM: give the right -i"));
-            }
-        }
+        common::check_sidecar_vm(&path, &sidecar, args.vm.as_deref())?;
         self.rep.vm_id = Some(body.vm.id.clone());
         self.rep.timings.read_sidecar_ns = ns_since(t);
 
