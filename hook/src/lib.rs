@@ -29,6 +29,8 @@ pub mod pvclock;
 pub mod request;
 pub mod sidecar;
 pub mod timefmt;
+#[cfg(feature = "http")]
+mod unixsock;
 pub mod validate;
 pub mod vmclock_api;
 

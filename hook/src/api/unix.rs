@@ -43,8 +43,6 @@ use ureq::unversioned::transport::{
 };
 use ureq::{Error, Timeout};
 
-/// Pause between connect attempts while the listener's backlog is full.
-const BACKLOG_RETRY: StdDuration = StdDuration::from_micros(200);
 /// Longest single wait for readability while watching whether the VMM
 /// takes the request (an answer ends the wait at once).
 const TAKEN_POLL: StdDuration = StdDuration::from_millis(1);
@@ -124,56 +122,15 @@ impl Connector<()> for UnixConnector {
     }
 }
 
-/// Room in `sockaddr_un.sun_path` (108 bytes on Linux), terminating NUL
-/// included.
-const SUN_PATH_LEN: usize =
-    std::mem::size_of::<libc::sockaddr_un>() - std::mem::offset_of!(libc::sockaddr_un, sun_path);
-
-/// `connect(2)` on a non-blocking `AF_UNIX` stream socket, retried while the
-/// backlog is full, then switched back to blocking mode.
+/// [`crate::unixsock::connect`] with its timeout as ureq's.
 fn connect_with_timeout(path: &Path, budget: StdDuration) -> Result<UnixStream, Error> {
-    use nix::errno::Errno;
-    use nix::sys::socket::{connect, socket, AddressFamily, SockFlag, SockType, UnixAddr};
-    use std::os::fd::AsRawFd;
-    use std::os::unix::ffi::OsStrExt;
-
-    let bytes = path.as_os_str().as_bytes();
-    // Leave room for the terminating NUL.
-    if bytes.is_empty() || bytes.len() >= SUN_PATH_LEN || bytes.contains(&0) {
-        return Err(Error::Io(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            format!(
-                "socket path is empty, contains NUL or is longer than {} bytes",
-                SUN_PATH_LEN.saturating_sub(1)
-            ),
-        )));
-    }
-    let addr = UnixAddr::new(path).map_err(|e| Error::Io(e.into()))?;
-    let owned = socket(
-        AddressFamily::Unix,
-        SockType::Stream,
-        SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
-        None,
-    )
-    .map_err(|e| Error::Io(e.into()))?;
-    let deadline = StdInstant::now() + budget;
-    loop {
-        match connect(owned.as_raw_fd(), &addr) {
-            Ok(()) => break,
-            Err(Errno::EINTR) => continue,
-            // Backlog full (Linux answers EAGAIN for AF_UNIX): retry.
-            Err(Errno::EAGAIN | Errno::EINPROGRESS) => {
-                if StdInstant::now() >= deadline {
-                    return Err(Error::Timeout(Timeout::Connect));
-                }
-                std::thread::sleep(BACKLOG_RETRY);
-            }
-            Err(e) => return Err(Error::Io(e.into())),
+    crate::unixsock::connect(path, budget).map_err(|e| {
+        if e.kind() == io::ErrorKind::TimedOut {
+            Error::Timeout(Timeout::Connect)
+        } else {
+            Error::Io(e)
         }
-    }
-    let stream = UnixStream::from(owned);
-    stream.set_nonblocking(false).map_err(Error::Io)?;
-    Ok(stream)
+    })
 }
 
 /// One HTTP/1.1 connection over a Unix stream socket.
