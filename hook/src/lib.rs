@@ -9,6 +9,8 @@
 //! - [`host`]: CLOCK_TAI, adjtimex, (TSC, TAI) brackets, host identity;
 //! - [`peer`]: the inter-host TAI offset measured over TCP (estimator,
 //!   authenticated exchange, the sidecar carried to the destination);
+//! - [`qmp`] (feature `qmp`): QEMU's monitor protocol and the guest-clock
+//!   commands of the qemu-patch series;
 //! - `kvm` (feature `kvm`): capture and apply on kvm-ioctls file descriptors.
 //!
 //! A VMM links this crate with `default-features = false` (plus `kvm`): no
@@ -26,10 +28,12 @@ pub mod model;
 pub mod peer;
 pub mod plan;
 pub mod pvclock;
+#[cfg(feature = "qmp")]
+pub mod qmp;
 pub mod request;
 pub mod sidecar;
 pub mod timefmt;
-#[cfg(feature = "http")]
+#[cfg(any(feature = "http", feature = "qmp"))]
 mod unixsock;
 pub mod validate;
 pub mod vmclock_api;

@@ -1,5 +1,5 @@
 //! `connect(2)` to a Unix stream socket within a time budget, shared by the
-//! VMM API client ([`crate::api`]) and the QMP client (`crate::qmp`).
+//! VMM API client ([`crate::api`]) and the QMP client ([`crate::qmp`]).
 //!
 //! A blocking connect to a listener whose backlog is full waits without
 //! bound; here the socket is non-blocking while connecting, `EAGAIN` (what
