@@ -213,6 +213,15 @@ fn one_run(exe: &PathBuf, argv: &[String]) -> CliResult<RunResult> {
     })
 }
 
+/// The flag naming the VMM's socket in the `restore` command line.
+fn socket_flag(api: &ApiArgs) -> &'static str {
+    if api.qmp_socket.is_some() {
+        "--qmp-socket"
+    } else {
+        "--api-socket"
+    }
+}
+
 pub fn run(args: &BenchArgs) -> CliResult<Exit> {
     let exe = std::env::current_exe()
         .map_err(|e| CliError::internal(format!("cannot find this binary: {e}")))?;
@@ -222,8 +231,8 @@ pub fn run(args: &BenchArgs) -> CliResult<Exit> {
         "--quiet".to_string(),
         "--log-target".to_string(),
         "stderr".to_string(),
-        "--api-socket".to_string(),
-        args.api.api_socket.display().to_string(),
+        socket_flag(&args.api).to_string(),
+        args.api.socket().display().to_string(),
         "--connect-timeout".to_string(),
         format!("{}ns", args.api.connect_timeout),
         "--api-timeout".to_string(),
@@ -259,7 +268,7 @@ pub fn run(args: &BenchArgs) -> CliResult<Exit> {
         runs: args.runs,
         warmup: args.warmup,
         binary: exe.display().to_string(),
-        api_socket: args.api.api_socket.display().to_string(),
+        api_socket: args.api.socket().display().to_string(),
         sidecar: args.input.display().to_string(),
         mode: results.first().and_then(|r| r.mode.clone()),
         blackout_ns: stats(&blackout).ok_or_else(none)?,

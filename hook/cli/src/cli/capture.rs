@@ -10,7 +10,7 @@ use clockcarry::model::RunState;
 use clockcarry::sidecar::{check_replaceable, Sidecar, SidecarBody, SidecarError};
 use serde::Serialize;
 
-use super::common::{self, api_error, print_json, print_report};
+use super::common::{self, print_json, print_report};
 use super::exit::{CliError, CliResult, Exit, EXIT_STATUS_HELP};
 use super::hostinfo::{self, HostRate};
 use super::units::human_ns;
@@ -221,9 +221,9 @@ pub fn run(args: &CaptureArgs) -> CliResult<Exit> {
 
     // Not while a restore of the same VM is under way: its half-applied
     // state is nothing to carry. Held until this process exits.
-    let _lock = super::lock::lock_vm(&args.api.api_socket, "capture")?;
-    let client = args.api.client();
-    let vm_clock = client.get_vm_clock().map_err(|e| api_error(&e))?;
+    let _lock = super::lock::lock_vm(args.api.socket(), "capture")?;
+    let vmm = args.api.vmm();
+    let vm_clock = vmm.get_vm_clock().map_err(|e| common::vmm_error(&e))?;
     let (identity, rate) = hostinfo::identity(args.host_tsc_khz)?;
     let sample = hostinfo::sample(rate.khz)?;
 

@@ -10,7 +10,6 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
-use clockcarry::api::ApiError;
 use clockcarry::hostconf::HostConfig;
 use clockcarry::plan::PlanError;
 use clockcarry::sidecar::{self, Sidecar, SidecarError, SidecarKey};
@@ -278,8 +277,8 @@ pub fn plan_error(err: &PlanError) -> CliError {
     }
 }
 
-/// A VMM API failure as a CLI error (exit 4).
-pub fn api_error(err: &ApiError) -> CliError {
+/// A failure of either VMM (API or QMP) as a CLI error (exit 4).
+pub fn vmm_error(err: &super::vmm::VmmError) -> CliError {
     CliError::new(Exit::Vmm, err.to_string())
 }
 

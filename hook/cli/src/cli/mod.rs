@@ -17,6 +17,7 @@ mod report;
 mod restore;
 mod serve;
 mod units;
+mod vmm;
 
 use std::ffi::OsString;
 use std::path::PathBuf;
@@ -129,12 +130,23 @@ enum Command {
     },
 }
 
-/// How to reach the VMM.
+/// How to reach the VMM: Cloud Hypervisor's API socket or QEMU's QMP
+/// socket (QEMU with the qemu-patch series), exactly one of them.
 #[derive(Args, Debug, Clone)]
 pub struct ApiArgs {
     /// The VMM's API socket (Cloud Hypervisor's --api-socket).
+    #[arg(
+        long,
+        value_name = "PATH",
+        required_unless_present = "qmp_socket",
+        conflicts_with = "qmp_socket"
+    )]
+    pub api_socket: Option<PathBuf>,
+    /// QEMU's QMP socket (-qmp unix:PATH,server=on,wait=off), for a QEMU
+    /// built with qemu-patch/ (a stock QEMU is refused, naming the missing
+    /// command).
     #[arg(long, value_name = "PATH")]
-    pub api_socket: PathBuf,
+    pub qmp_socket: Option<PathBuf>,
     /// Give up connecting after this long.
     #[arg(long, value_name = "DUR", default_value = "1s", value_parser = parse_dur)]
     pub connect_timeout: u64,
@@ -144,12 +156,40 @@ pub struct ApiArgs {
 }
 
 impl ApiArgs {
+    /// The socket given, whichever kind: what the per-VM lock and the
+    /// reports are keyed on.
+    pub fn socket(&self) -> &std::path::Path {
+        match (&self.api_socket, &self.qmp_socket) {
+            (Some(p), _) | (None, Some(p)) => p,
+            // clap requires one of the two.
+            (None, None) => std::path::Path::new(""),
+        }
+    }
+
+    /// The client of the VMM given.
+    pub fn vmm(&self) -> vmm::Vmm {
+        let connect_timeout = std::time::Duration::from_nanos(self.connect_timeout);
+        let request_timeout = std::time::Duration::from_nanos(self.api_timeout);
+        match &self.qmp_socket {
+            Some(path) => vmm::Vmm::qmp(
+                path,
+                clockcarry::qmp::QmpOptions {
+                    connect_timeout,
+                    command_timeout: request_timeout,
+                    ..clockcarry::qmp::QmpOptions::default()
+                },
+            ),
+            None => vmm::Vmm::Api(self.client()),
+        }
+    }
+
+    /// The Cloud Hypervisor API client (`--api-socket`).
     pub fn client(&self) -> clockcarry::api::ApiClient {
         let options = clockcarry::api::ApiOptions {
             connect_timeout: std::time::Duration::from_nanos(self.connect_timeout),
             request_timeout: std::time::Duration::from_nanos(self.api_timeout),
         };
-        clockcarry::api::ApiClient::new(&self.api_socket, options)
+        clockcarry::api::ApiClient::new(self.socket(), options)
     }
 }
 

@@ -12,17 +12,18 @@ use super::report::{
     self, KvmClockReport, Outcome, PlanSummary, RestoreReport, Timings, Verification,
 };
 use clap::Args;
-use clockcarry::api::{ApiClient, ApiError, ClockPut, PutOutcome};
+use clockcarry::api::{ClockPut, PutOutcome};
 use clockcarry::host;
 use clockcarry::model::{ClockPolicy, OnFailure, Policy, RunState, VmClock};
 use clockcarry::plan::{self, Destination, Plan, PlanMode};
 use clockcarry::sidecar::Sidecar;
 
-use super::common::{self, api_error, plan_error, print_json, print_report};
+use super::common::{self, plan_error, print_json, print_report};
 use super::exit::{CliError, CliResult, Exit, EXIT_STATUS_HELP};
 use super::hostinfo;
 use super::lock;
 use super::units::{human_ns, human_ns_signed};
+use super::vmm::{Vmm, VmmError};
 use super::{ApiArgs, PolicyArgs};
 
 const LONG_ABOUT: &str = "\
@@ -236,7 +237,7 @@ pub fn run(args: &RestoreArgs) -> CliResult<Exit> {
             advice: None,
             vm_id: args.vm.clone(),
             sidecar: String::new(),
-            api_socket: args.api.api_socket.display().to_string(),
+            api_socket: args.api.socket().display().to_string(),
             on_failure: policy.on_failure,
             vm_untouched: Some(true),
             summary: None,
@@ -320,11 +321,11 @@ impl Restore<'_> {
         let _lock = if args.dry_run {
             None
         } else {
-            Some(lock::lock_vm(&args.api.api_socket, "restore")?)
+            Some(lock::lock_vm(args.api.socket(), "restore")?)
         };
         let t = Instant::now();
-        let client = args.api.client();
-        let before = client.get_vm_clock().map_err(|e| api_error(&e))?;
+        let client = args.api.vmm();
+        let before = client.get_vm_clock().map_err(|e| common::vmm_error(&e))?;
         self.rep.timings.get_ns = ns_since(t);
         if before.state != RunState::Paused {
             return Err(CliError::new(
@@ -395,7 +396,7 @@ impl Restore<'_> {
     }
 
     /// PUT, classify a failure, verify, roll back a mismatch.
-    fn apply(&mut self, client: &ApiClient, before: &VmClock, plan: &Plan) -> CliResult<()> {
+    fn apply(&mut self, client: &Vmm, before: &VmClock, plan: &Plan) -> CliResult<()> {
         let put = ClockPut::from_plan(plan);
         let t = Instant::now();
         let answer = client.put_vm_clock(&put);
@@ -489,9 +490,9 @@ impl Restore<'_> {
     }
 
     /// The PUT failed: find out from a GET whether anything changed.
-    fn put_failed(&mut self, client: &ApiClient, before: &VmClock, e: &ApiError) -> CliError {
+    fn put_failed(&mut self, client: &Vmm, before: &VmClock, e: &VmmError) -> CliError {
         if !e.request_sent() {
-            return api_error(e);
+            return common::vmm_error(e);
         }
         let now = client.get_vm_clock();
         let unchanged = match &now {
@@ -506,10 +507,7 @@ impl Restore<'_> {
         self.rep.vm_untouched = now.as_ref().ok().map(|_| unchanged);
         // Decided on the VMM's typed outcome and the read-back, never on
         // the error's text.
-        let failure = match e {
-            ApiError::Vmm { failure, .. } => failure.as_deref(),
-            _ => None,
-        };
+        let failure = e.put_failure();
         if let Some(f) = failure {
             self.rep.vmm_failure = Some(f.clone());
         }
@@ -529,7 +527,7 @@ impl Restore<'_> {
             (_, Some(PutOutcome::Refused | PutOutcome::WrongState)) if unchanged => {
                 (Exit::Vmm, "the VMM refused the clock")
             }
-            (ApiError::Vmm { .. }, None) if unchanged => (
+            (e, None) if e.answered() && unchanged => (
                 Exit::Vmm,
                 "the VMM refused the clock (no typed reply; the read-back shows nothing changed)",
             ),
@@ -549,7 +547,7 @@ impl Restore<'_> {
     /// The read-back differs from the plan: put the previous offsets back.
     fn roll_back(
         &mut self,
-        client: &ApiClient,
+        client: &Vmm,
         before: &VmClock,
         plan: &Plan,
         mismatched: &[u32],
