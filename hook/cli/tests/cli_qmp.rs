@@ -40,6 +40,33 @@ fn capture(dir: &TempDir, fake: &FakeQmp) -> cli_support::Run {
     )
 }
 
+/// A sidecar of the fake VM in `dir`, captured from a running QEMU.
+fn captured(dir: &TempDir, tag: &str) {
+    let src = FakeQmp::start(
+        &format!("cli-{tag}-src"),
+        patched_then(vec![Step::Reply("x-query-guest-clock", vm(true, false))]),
+    );
+    capture(dir, &src).expect(0);
+    src.finish().expect("source script");
+}
+
+/// `clockcarry restore --qmp-socket` of that sidecar against `fake`.
+fn restore(dir: &TempDir, fake: &FakeQmp, extra: &[&str]) -> cli_support::Run {
+    let sidecar = dir.join("vm1.sidecar.json").display().to_string();
+    let socket = fake.socket.display().to_string();
+    let mut args = vec![
+        "restore",
+        "--qmp-socket",
+        &socket,
+        "--vm",
+        "vm1",
+        "-i",
+        &sidecar,
+    ];
+    args.extend_from_slice(extra);
+    run(dir.path(), &args)
+}
+
 #[test]
 fn capture_over_qmp_writes_the_vms_clock() {
     let dir = TempDir::new("qmp-capture");
@@ -90,12 +117,7 @@ fn a_stock_qemu_is_refused_naming_the_command_and_nothing_is_written() {
 #[test]
 fn restore_over_qmp_sets_the_captured_clock() {
     let dir = TempDir::new("qmp-restore");
-    let src = FakeQmp::start(
-        "cli-restore-src",
-        patched_then(vec![Step::Reply("x-query-guest-clock", vm(true, false))]),
-    );
-    capture(&dir, &src).expect(0);
-    src.finish().expect("source script");
+    captured(&dir, "restore");
 
     // The destination: paused, settable; it applies what it is sent and
     // shows it in the read-back.
@@ -132,19 +154,7 @@ fn restore_over_qmp_sets_the_captured_clock() {
             ),
         ]),
     );
-    let out = run(
-        dir.path(),
-        &[
-            "restore",
-            "--qmp-socket",
-            dst.socket.to_str().expect("utf-8"),
-            "--vm",
-            "vm1",
-            "-i",
-            &dir.join("vm1.sidecar.json").display().to_string(),
-            "--json",
-        ],
-    );
+    let out = restore(&dir, &dst, &["--json"]);
     let requests = dst.finish().expect("destination script");
     assert!(
         out.code == 0 || out.code == 7,
@@ -180,12 +190,7 @@ fn restore_over_qmp_sets_the_captured_clock() {
 #[test]
 fn a_refusal_qemu_typed_as_wrong_state_says_nothing_needs_restoring() {
     let dir = TempDir::new("qmp-wrong");
-    let src = FakeQmp::start(
-        "cli-wrong-src",
-        patched_then(vec![Step::Reply("x-query-guest-clock", vm(true, false))]),
-    );
-    capture(&dir, &src).expect(0);
-    src.finish().expect("source script");
+    captured(&dir, "wrong");
     let mut after = vm(false, false);
     after["last-set"] = json!("wrong-state");
     let dst = FakeQmp::start(
@@ -201,18 +206,7 @@ fn a_refusal_qemu_typed_as_wrong_state_says_nothing_needs_restoring() {
             Step::Reply("x-query-guest-clock", after),
         ]),
     );
-    run(
-        dir.path(),
-        &[
-            "restore",
-            "--qmp-socket",
-            dst.socket.to_str().expect("utf-8"),
-            "--vm",
-            "vm1",
-            "-i",
-            &dir.join("vm1.sidecar.json").display().to_string(),
-        ],
-    )
-    .expect(4)
-    .stderr_has("nothing needs restoring");
+    restore(&dir, &dst, &[])
+        .expect(4)
+        .stderr_has("nothing needs restoring");
 }

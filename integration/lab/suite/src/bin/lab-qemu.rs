@@ -13,6 +13,7 @@
 //!
 //! Usage: lab-qemu --stock QEMU --patched QEMU --clockcarry BIN --refvmm BIN
 //!                 --firmware DIR [--firmware DIR] [--work DIR]
+//!                 [--scenarios pause-resume,snapshot-restore,local-migration]
 //! One JSON line per row on stdout; exit 1 when a row fails its assertion.
 
 use std::path::{Path, PathBuf};
@@ -29,6 +30,7 @@ struct Args {
     refvmm: PathBuf,
     firmware: Vec<PathBuf>,
     work: PathBuf,
+    scenarios: Vec<String>,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -36,6 +38,9 @@ fn parse_args() -> Result<Args, String> {
     let (mut stock, mut patched, mut cc, mut refvmm) = (None, None, None, None);
     let mut firmware = Vec::new();
     let mut work = PathBuf::from("/tmp/lab-qemu");
+    let mut scenarios: Vec<String> = ["pause-resume", "snapshot-restore", "local-migration"]
+        .map(String::from)
+        .to_vec();
     while let Some(a) = it.next() {
         let mut v = || {
             it.next()
@@ -49,6 +54,14 @@ fn parse_args() -> Result<Args, String> {
             "--refvmm" => refvmm = Some(v()?),
             "--firmware" => firmware.push(v()?),
             "--work" => work = v()?,
+            "--scenarios" => {
+                scenarios = v()?
+                    .display()
+                    .to_string()
+                    .split(',')
+                    .map(String::from)
+                    .collect();
+            }
             other => return Err(format!("unknown argument {other:?}")),
         }
     }
@@ -59,6 +72,7 @@ fn parse_args() -> Result<Args, String> {
         refvmm: refvmm.ok_or("--refvmm is required")?,
         firmware,
         work,
+        scenarios,
     })
 }
 
@@ -188,6 +202,16 @@ impl Drop for Qemu {
     }
 }
 
+/// The outgoing migration completed; an error once it failed.
+fn migrated(q: &mut Qemu) -> Result<bool, String> {
+    let status = q.cmd("query-migrate", None)?["status"].clone();
+    match status.as_str() {
+        Some("completed") => Ok(true),
+        Some(s @ ("failed" | "cancelled")) => Err(format!("the migration {s}")),
+        _ => Ok(false),
+    }
+}
+
 fn lines(path: &Path) -> usize {
     std::fs::read(path)
         .map(|b| {
@@ -283,9 +307,7 @@ fn scenario(a: &Args, probe: &Path, name: &str, mode: &str) -> Result<Value, Str
                 "migrate",
                 Some(json!({"uri": format!("exec:cat > {}", state.display())})),
             )?;
-            src.wait("migration", |q| {
-                Ok(q.cmd("query-migrate", None)?["status"] == "completed")
-            })?;
+            src.wait("migration", migrated)?;
             let s = src.serial.clone();
             src.quit();
             std::thread::sleep(Duration::from_secs(5));
@@ -298,21 +320,11 @@ fn scenario(a: &Args, probe: &Path, name: &str, mode: &str) -> Result<Value, Str
             )?;
             return finish(a, name, mode, s, d, t0, src_offsets, &tag, &sidecar_s);
         } else {
-            let port = 47000 + (std::process::id() % 1000) as u16;
-            let d = Qemu::start(
-                a,
-                bin,
-                probe,
-                &format!("{tag}-b"),
-                Some(&format!("tcp:127.0.0.1:{port}")),
-            )?;
-            src.cmd(
-                "migrate",
-                Some(json!({"uri": format!("tcp:127.0.0.1:{port}")})),
-            )?;
-            src.wait("migration", |q| {
-                Ok(q.cmd("query-migrate", None)?["status"] == "completed")
-            })?;
+            // A Unix socket: the lab's loopback interface may be down.
+            let uri = format!("unix:{}", a.work.join(format!("{tag}.migrate")).display());
+            let d = Qemu::start(a, bin, probe, &format!("{tag}-b"), Some(&uri))?;
+            src.cmd("migrate", Some(json!({ "uri": uri })))?;
+            src.wait("migration", migrated)?;
             d
         };
         let s = src.serial.clone();
@@ -439,7 +451,7 @@ fn main() {
         std::process::exit(1);
     }
     let mut failed = 0;
-    for name in ["pause-resume", "snapshot-restore", "local-migration"] {
+    for name in a.scenarios.iter().map(String::as_str) {
         let modes: &[&str] = if name == "pause-resume" {
             &["qemu", "qemu-clockcarry"]
         } else {
