@@ -70,3 +70,42 @@ pub fn connect(path: &Path, budget: Duration) -> io::Result<UnixStream> {
     stream.set_nonblocking(false)?;
     Ok(stream)
 }
+
+/// Why a connect to a socket path failed, where the path is to blame: the
+/// one reading of `errno` both clients share.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PathFailure {
+    /// Nothing at the path (`ENOENT`, `ENOTDIR`).
+    Missing,
+    /// `EACCES`.
+    Denied,
+    /// Something that is not a socket (`ENOTSOCK`, or refused on a
+    /// non-socket).
+    NotASocket,
+    /// A socket nobody listens on (`ECONNREFUSED`).
+    Refused,
+}
+
+/// The [`PathFailure`] `e` means for `path`, `None` for any other error.
+pub fn path_failure(path: &Path, e: &io::Error) -> Option<PathFailure> {
+    match e.kind() {
+        io::ErrorKind::NotFound => Some(PathFailure::Missing),
+        io::ErrorKind::PermissionDenied => Some(PathFailure::Denied),
+        io::ErrorKind::ConnectionRefused => Some(if is_non_socket(path) {
+            PathFailure::NotASocket
+        } else {
+            PathFailure::Refused
+        }),
+        _ if e.raw_os_error() == Some(libc::ENOTDIR) => Some(PathFailure::Missing),
+        _ if e.raw_os_error() == Some(libc::ENOTSOCK) => Some(PathFailure::NotASocket),
+        _ => None,
+    }
+}
+
+/// True when `path` exists and is not a socket.
+fn is_non_socket(path: &Path) -> bool {
+    use std::os::unix::fs::FileTypeExt;
+    std::fs::metadata(path)
+        .map(|m| !m.file_type().is_socket())
+        .unwrap_or(false)
+}

@@ -18,6 +18,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::model::VmClock;
+use crate::unixsock::PathFailure;
 pub use crate::vmclock_api::*;
 
 /// Path of the VMM liveness endpoint.
@@ -290,19 +291,12 @@ impl ApiClient {
                     request_sent: true,
                 }
             }
-            ureq::Error::Io(e) => match e.kind() {
-                std::io::ErrorKind::NotFound => ApiError::SocketMissing { path },
-                std::io::ErrorKind::PermissionDenied => ApiError::PermissionDenied { path },
-                std::io::ErrorKind::ConnectionRefused => {
-                    if is_non_socket(&self.socket) {
-                        ApiError::NotASocket { path }
-                    } else {
-                        ApiError::ConnectionRefused { path }
-                    }
-                }
-                _ if e.raw_os_error() == Some(libc::ENOTDIR) => ApiError::SocketMissing { path },
-                _ if e.raw_os_error() == Some(libc::ENOTSOCK) => ApiError::NotASocket { path },
-                _ => ApiError::Transport {
+            ureq::Error::Io(e) => match crate::unixsock::path_failure(&self.socket, &e) {
+                Some(PathFailure::Missing) => ApiError::SocketMissing { path },
+                Some(PathFailure::Denied) => ApiError::PermissionDenied { path },
+                Some(PathFailure::NotASocket) => ApiError::NotASocket { path },
+                Some(PathFailure::Refused) => ApiError::ConnectionRefused { path },
+                None => ApiError::Transport {
                     method,
                     endpoint,
                     msg: format!(
@@ -344,14 +338,6 @@ impl ApiClient {
             },
         }
     }
-}
-
-/// True when `path` exists and is not a socket.
-fn is_non_socket(path: &Path) -> bool {
-    use std::os::unix::fs::FileTypeExt;
-    std::fs::metadata(path)
-        .map(|m| !m.file_type().is_socket())
-        .unwrap_or(false)
 }
 
 #[cfg(test)]

@@ -386,30 +386,20 @@ fn io_error(stage: &str, e: &io::Error, sent: bool) -> QmpError {
 }
 
 fn connect_error(path: &Path, e: &io::Error, timeout: Duration) -> QmpError {
+    use crate::unixsock::{path_failure, PathFailure};
     let path = path.to_path_buf();
-    match e.kind() {
-        io::ErrorKind::NotFound => QmpError::SocketMissing { path },
-        io::ErrorKind::PermissionDenied => QmpError::PermissionDenied { path },
-        io::ErrorKind::ConnectionRefused => {
-            use std::os::unix::fs::FileTypeExt;
-            let non_socket = std::fs::metadata(&path)
-                .map(|m| !m.file_type().is_socket())
-                .unwrap_or(false);
-            if non_socket {
-                QmpError::NotASocket { path }
-            } else {
-                QmpError::ConnectionRefused { path }
-            }
-        }
-        _ if e.raw_os_error() == Some(libc::ENOTDIR) => QmpError::SocketMissing { path },
-        _ if e.raw_os_error() == Some(libc::ENOTSOCK) => QmpError::NotASocket { path },
-        io::ErrorKind::TimedOut => QmpError::Timeout {
+    match path_failure(&path, e) {
+        Some(PathFailure::Missing) => QmpError::SocketMissing { path },
+        Some(PathFailure::Denied) => QmpError::PermissionDenied { path },
+        Some(PathFailure::NotASocket) => QmpError::NotASocket { path },
+        Some(PathFailure::Refused) => QmpError::ConnectionRefused { path },
+        None if e.kind() == io::ErrorKind::TimedOut => QmpError::Timeout {
             stage: format!("connect to {}", path.display()),
             timeout_ms: u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX),
             greeting: true,
             request_sent: false,
         },
-        _ => QmpError::Connect {
+        None => QmpError::Connect {
             path,
             msg: e.to_string(),
         },
