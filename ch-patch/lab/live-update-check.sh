@@ -10,11 +10,8 @@ W=/tmp/$V-${2:-1}
 mkdir -p "$W"
 cd "$W"
 trap 'kill $(jobs -p) 2>/dev/null' EXIT
-api() {
-    local a=(-sS --max-time 60 --unix-socket "$1" -X "$2")
-    [ -n "${4:-}" ] && a+=(-H 'Content-Type: application/json' --data-binary "$4")
-    curl "${a[@]}" "http://localhost/api/v1/$3"
-}
+# api PREFIX SOCKET METHOD ENDPOINT [BODY], the runbooks' own.
+. /lab/runbooks/lib.sh
 # The destination VMM truncates the shared serial file while the source
 # still writes at its own offset: merge both copies by (vCPU, sequence);
 # the probe's fields are fixed-width lower-case hex, so a text sort orders them.
@@ -36,7 +33,7 @@ start_vmm src --kernel "$W/probe.elf" --cpus boot=1 --memory size=64M,shared=on 
     --serial "file=$W/lu.serial" --console off || exit 1
 start_vmm dst || exit 1
 sleep 4
-api "$W/src.sock" GET vm.clock > "$W/lu-src-clock.json"; echo >> "$W/lu-src-clock.json"
+api "" "$W/src.sock" GET vm.clock > "$W/lu-src-clock.json"; echo >> "$W/lu-src-clock.json"
 cp "$W/lu.serial" "$W/lu.serial.pre"
 ms() { awk '{printf "%d", $1 * 1000}' /proc/uptime; }
 t0=$(ms)
@@ -47,13 +44,13 @@ t1=$(ms)
 echo "CHLAB $V live-update: runbook exit $rc in $(( t1 - t0 )) ms"
 sleep 3
 echo "CHLAB $V live-update: src vm.clock before: $(cat $W/lu-src-clock.json)"
-echo "CHLAB $V live-update: dst vm.clock after:  $(api $W/dst.sock GET vm.clock)"
-echo "CHLAB $V live-update: dst vm.info state: $(api $W/dst.sock GET vm.info | grep -o '"state":"[A-Za-z]*"')"
+echo "CHLAB $V live-update: dst vm.clock after:  $(api "" $W/dst.sock GET vm.clock)"
+echo "CHLAB $V live-update: dst vm.info state: $(api "" $W/dst.sock GET vm.info | grep -o '"state":"[A-Za-z]*"')"
 echo "CHLAB $V live-update: src alive: $(kill -0 %1 2>/dev/null && echo yes || echo no)"
 grep -i -h "seccomp\|sigsys\|bad system call\|error\|clock_guest\|CLOCK_GUEST" "$W/src.log" "$W/dst.log" | tail -12 | sed "s/^/CHLAB $V log: /"
 merge "$W/lu.serial.pre" "$W/lu.serial" > "$W/lu.all"
 clockcarry-refvmm analyze --json "$W/lu.all" | sed "s/^/CHLAB $V live-update analyze: /"
-api "$W/dst.sock" PUT vmm.shutdown >/dev/null 2>&1; api "$W/src.sock" PUT vmm.shutdown >/dev/null 2>&1
+api "" "$W/dst.sock" PUT vmm.shutdown >/dev/null 2>&1; api "" "$W/src.sock" PUT vmm.shutdown >/dev/null 2>&1
 sleep 1; kill %1 %2 2>/dev/null; wait 2>/dev/null
 
 # 2. Snapshot / restore with clockcarry restore --json (the KVM_SET_CLOCK_GUEST warning).
@@ -62,22 +59,22 @@ start_vmm s1 --kernel "$W/probe.elf" --cpus boot=2 --memory size=64M \
     --serial "file=$W/sr.serial" --console off || exit 1
 sleep 4
 clockcarry capture --api-socket "$W/s1.sock" --vm probe -o "$W/sr.sidecar.json" -q
-api "$W/s1.sock" PUT vm.pause
+api "" "$W/s1.sock" PUT vm.pause
 mkdir -p "$W/snap"
-api "$W/s1.sock" PUT vm.snapshot "{\"destination_url\":\"file://$W/snap\"}"
-api "$W/s1.sock" PUT vmm.shutdown; sleep 1; kill %1 2>/dev/null; wait 2>/dev/null
+api "" "$W/s1.sock" PUT vm.snapshot "{\"destination_url\":\"file://$W/snap\"}"
+api "" "$W/s1.sock" PUT vmm.shutdown; sleep 1; kill %1 2>/dev/null; wait 2>/dev/null
 cp "$W/sr.serial" "$W/sr.serial.pre"
 sleep 2
 start_vmm s2 || exit 1
-api "$W/s2.sock" PUT vm.restore "{\"source_url\":\"file://$W/snap\",\"resume\":false}"
+api "" "$W/s2.sock" PUT vm.restore "{\"source_url\":\"file://$W/snap\",\"resume\":false}"
 clockcarry restore --api-socket "$W/s2.sock" --vm probe -i "$W/sr.sidecar.json" --json > "$W/sr.restore.json"
 echo "CHLAB $V snapshot-restore: clockcarry restore exit $?"
 echo "CHLAB $V snapshot-restore: report: $(tr -d '\n' < $W/sr.restore.json | head -c 6000)"
-api "$W/s2.sock" PUT vm.resume
+api "" "$W/s2.sock" PUT vm.resume
 sleep 3
-echo "CHLAB $V snapshot-restore: vm.clock after: $(api $W/s2.sock GET vm.clock)"
+echo "CHLAB $V snapshot-restore: vm.clock after: $(api "" $W/s2.sock GET vm.clock)"
 grep -i -h "clock_guest\|CLOCK_GUEST" "$W/s1.log" "$W/s2.log" | sed "s/^/CHLAB $V log: /"
 merge "$W/sr.serial.pre" "$W/sr.serial" > "$W/sr.all"
 clockcarry-refvmm analyze --json "$W/sr.all" | sed "s/^/CHLAB $V snapshot-restore analyze: /"
-api "$W/s2.sock" PUT vmm.shutdown >/dev/null 2>&1; sleep 1; kill %1 2>/dev/null; wait 2>/dev/null
+api "" "$W/s2.sock" PUT vmm.shutdown >/dev/null 2>&1; sleep 1; kill %1 2>/dev/null; wait 2>/dev/null
 exit $rc
