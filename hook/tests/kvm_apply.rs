@@ -62,6 +62,9 @@ struct FakeKvm {
     /// KVM_SET_CLOCK's in-kernel bias on every call, ns, in place of the
     /// measured 450 then 100 (negative: kvm-clock lands below the aim).
     set_clock_bias_ns: Option<i64>,
+    /// KVM_SET_CLOCK's bias call by call (the last one repeats), in place
+    /// of `set_clock_bias_ns`: a host that preempts one call.
+    set_clock_biases_ns: Vec<i64>,
 }
 
 impl FakeKvm {
@@ -78,6 +81,7 @@ impl FakeKvm {
             inert_offsets: false,
             drop_offset_writes_on: None,
             set_clock_bias_ns: None,
+            set_clock_biases_ns: Vec::new(),
         }
     }
 
@@ -152,9 +156,13 @@ impl ClockOps for FakeKvm {
         let snapshot = self.tick();
         self.log.push(Call::SetClock(clock_ns, realtime_ns, flags));
         self.fail(Op::SetClock, 0, "KVM_SET_CLOCK")?;
-        let bias = self
-            .set_clock_bias_ns
-            .unwrap_or(if self.set_clock_calls == 0 { 450 } else { 100 });
+        let call = usize::try_from(self.set_clock_calls).unwrap_or(usize::MAX);
+        let bias = match self.set_clock_biases_ns.last() {
+            Some(last) => *self.set_clock_biases_ns.get(call).unwrap_or(last),
+            None => self
+                .set_clock_bias_ns
+                .unwrap_or(if self.set_clock_calls == 0 { 450 } else { 100 }),
+        };
         self.set_clock_calls += 1;
         let mut clock = i128::from(clock_ns);
         if flags & KVM_CLOCK_REALTIME != 0 {
@@ -734,6 +742,52 @@ fn kvmclock_never_lands_below_the_line() {
             .iter()
             .take(k.try_errors_ns.len() - 1)
             .all(|e| !(0..=50).contains(e)));
+    }
+}
+
+/// One preempted KVM_SET_CLOCK (its realtime read 5 us late) must not
+/// push the next call below the line: the loop corrects with the bias of
+/// the least-delayed call, not the last one. With the last one's bias the
+/// third call landed 4975 ns below the line and, at a limit of 3 tries,
+/// stayed there.
+#[test]
+fn a_preempted_set_clock_does_not_push_the_next_below_the_line() {
+    for (biases_ns, max_tries) in [
+        (vec![100i64, 5_100, 100], 3u32),
+        (vec![100, 5_100, 100, 9_100, 100], 5),
+        (vec![100, 300, 5_100, 100], 4),
+    ] {
+        let mut kvm = FakeKvm::new(2);
+        kvm.set_clock_biases_ns = biases_ns.clone();
+        let req = request(
+            &kvm,
+            4_000,
+            ClockRequest::Follow {
+                pvti: source_pvti(),
+                max_error_ns: 50,
+                via: FollowVia::SetClock,
+            },
+        );
+        let options = ApplyOptions {
+            set_clock_realtime: true,
+            max_set_clock_tries: max_tries,
+            ..ApplyOptions::default()
+        };
+        let report = apply_request(&mut kvm, &req, &options).expect("applied");
+        let k = report.kvmclock.expect("kvm-clock set");
+        let err = k.error_ns.expect("measured");
+        assert!(
+            (0..=50).contains(&err) && k.within_max_error,
+            "biases {biases_ns:?}: landed {err} ns off the line, tries {:?}",
+            k.try_errors_ns
+        );
+        // No try after the first lands below the line: the preempted
+        // call lands high, the ones after it back in the window.
+        assert!(
+            k.try_errors_ns.iter().all(|e| *e >= 0),
+            "biases {biases_ns:?}: tries {:?}",
+            k.try_errors_ns
+        );
     }
 }
 

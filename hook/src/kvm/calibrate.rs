@@ -156,10 +156,17 @@ pub fn in_window(error_ns: i64, max_error_ns: u64) -> bool {
 }
 
 /// KVM_SET_CLOCK aimed at the window's middle, verified with KVM_GET_CLOCK's
-/// pair and re-aimed: each call's error is the kernel's own bias (time
-/// between its master-clock snapshot and its realtime read) minus the
-/// correction used; the next call subtracts the bias just measured. Stops
-/// inside `[0, max_error_ns]` or after `max_tries`.
+/// pair and re-aimed. Each call lands at `mid - correction + bias`, where
+/// the bias is a constant plus a delay that only a late call can add to:
+/// with KVM_CLOCK_REALTIME the time between the kernel's master-clock
+/// snapshot and its realtime read (the bias grows with it), without it the
+/// time between our TSC read and that snapshot (the bias shrinks with it).
+/// The correction is therefore the bias of the least-delayed call so far,
+/// not of the last one: a call the host preempted then lands high (or low
+/// without realtime) by its own delay, and does not make the next one
+/// land on the other side of the line by the same amount (a loop that
+/// followed the last bias could end, at `max_tries`, below the line).
+/// Stops inside `[0, max_error_ns]` or after `max_tries`.
 fn set_clock_calibrated<O: ClockOps + ?Sized>(
     ops: &mut O,
     aim: &Aim,
@@ -167,6 +174,7 @@ fn set_clock_calibrated<O: ClockOps + ?Sized>(
 ) -> Result<KvmclockOutcome, KvmError> {
     let realtime = aim.flags & KVM_CLOCK_REALTIME != 0;
     let mut correction_ns: i128 = 0;
+    let mut least_delay_bias_ns: Option<i128> = None;
     let mut outcome = KvmclockOutcome {
         method: "set_clock",
         error_ns: None,
@@ -205,8 +213,15 @@ fn set_clock_calibrated<O: ClockOps + ?Sized>(
         if in_window(err, aim.max_error_ns) {
             break;
         }
-        // Re-aim at the window's middle: subtract the bias just measured.
-        correction_ns += i128::from(err) - i128::from(aim.max_error_ns / 2);
+        // This call's bias; re-aim with the least-delayed one seen.
+        let bias_ns = i128::from(err) - i128::from(aim.max_error_ns / 2) + correction_ns;
+        let least_ns = match least_delay_bias_ns {
+            None => bias_ns,
+            Some(b) if realtime => b.min(bias_ns),
+            Some(b) => b.max(bias_ns),
+        };
+        least_delay_bias_ns = Some(least_ns);
+        correction_ns = least_ns;
     }
     outcome.within_max_error = outcome
         .error_ns
