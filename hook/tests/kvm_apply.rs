@@ -153,9 +153,6 @@ impl ClockOps for FakeKvm {
         })
     }
     fn set_clock(&mut self, clock_ns: u64, realtime_ns: u64, flags: u32) -> Result<(), KvmError> {
-        let snapshot = self.tick();
-        self.log.push(Call::SetClock(clock_ns, realtime_ns, flags));
-        self.fail(Op::SetClock, 0, "KVM_SET_CLOCK")?;
         let call = usize::try_from(self.set_clock_calls).unwrap_or(usize::MAX);
         let bias = match self.set_clock_biases_ns.last() {
             Some(last) => *self.set_clock_biases_ns.get(call).unwrap_or(last),
@@ -163,6 +160,14 @@ impl ClockOps for FakeKvm {
                 .set_clock_bias_ns
                 .unwrap_or(if self.set_clock_calls == 0 { 450 } else { 100 }),
         };
+        if flags & KVM_CLOCK_REALTIME == 0 && !self.set_clock_biases_ns.is_empty() {
+            // Without a realtime reference the kernel's snapshot comes
+            // `bias` late (1 ns a tick).
+            self.host_tsc = self.host_tsc.saturating_add(bias.unsigned_abs());
+        }
+        let snapshot = self.tick();
+        self.log.push(Call::SetClock(clock_ns, realtime_ns, flags));
+        self.fail(Op::SetClock, 0, "KVM_SET_CLOCK")?;
         self.set_clock_calls += 1;
         let mut clock = i128::from(clock_ns);
         if flags & KVM_CLOCK_REALTIME != 0 {
@@ -788,6 +793,44 @@ fn a_preempted_set_clock_does_not_push_the_next_below_the_line() {
             "biases {biases_ns:?}: tries {:?}",
             k.try_errors_ns
         );
+    }
+}
+
+/// Without KVM_CLOCK_REALTIME a preempted call's snapshot comes late and
+/// that call lands below its aim; the call after it must land above the
+/// line (never below), and the loop must come back into the window.
+#[test]
+fn without_realtime_a_preempted_set_clock_keeps_the_next_above_the_line() {
+    for biases_ns in [vec![5_100i64, 100, 100], vec![100, 5_100, 100, 100]] {
+        let mut kvm = FakeKvm::new(2);
+        kvm.set_clock_biases_ns = biases_ns.clone();
+        let req = request(
+            &kvm,
+            4_000,
+            ClockRequest::Follow {
+                pvti: source_pvti(),
+                max_error_ns: 50,
+                via: FollowVia::SetClock,
+            },
+        );
+        let options = ApplyOptions {
+            set_clock_realtime: false,
+            ..ApplyOptions::default()
+        };
+        let report = apply_request(&mut kvm, &req, &options).expect("applied");
+        let k = report.kvmclock.expect("kvm-clock set");
+        let errs = &k.try_errors_ns;
+        let late = biases_ns
+            .iter()
+            .position(|b| *b > 1_000)
+            .expect("a late call");
+        assert!(errs.len() > late, "biases {biases_ns:?}: tries {errs:?}");
+        assert!(errs[late] < 0, "the late call lands low: {errs:?}");
+        assert!(
+            errs.iter().skip(late + 1).all(|e| *e >= 0),
+            "biases {biases_ns:?}: a try after the late one below the line: {errs:?}"
+        );
+        assert!(k.within_max_error, "back in the window: {errs:?}");
     }
 }
 

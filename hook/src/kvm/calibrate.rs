@@ -156,16 +156,24 @@ pub fn in_window(error_ns: i64, max_error_ns: u64) -> bool {
 }
 
 /// KVM_SET_CLOCK aimed at the window's middle, verified with KVM_GET_CLOCK's
-/// pair and re-aimed. Each call lands at `mid - correction + bias`, where
-/// the bias is a constant plus a delay that only a late call can add to:
-/// with KVM_CLOCK_REALTIME the time between the kernel's master-clock
-/// snapshot and its realtime read (the bias grows with it), without it the
-/// time between our TSC read and that snapshot (the bias shrinks with it).
-/// The correction is therefore the bias of the least-delayed call so far,
-/// not of the last one: a call the host preempted then lands high (or low
-/// without realtime) by its own delay, and does not make the next one
-/// land on the other side of the line by the same amount (a loop that
-/// followed the last bias could end, at `max_tries`, below the line).
+/// pair and re-aimed. Each call lands at `mid - correction + bias`; a
+/// delay the host adds to one call must not make the next one land below
+/// the line.
+///
+/// - With KVM_CLOCK_REALTIME the bias is a constant plus the time between
+///   the kernel's master-clock snapshot and its realtime read: a delay only
+///   raises it. The correction is the smallest bias seen (the least-delayed
+///   call): a preempted call lands high, and the next one is aimed as if it
+///   had not happened. (Following the last bias, the next call landed below
+///   the line by the delay, and a loop ending there at `max_tries` stayed
+///   below it.)
+/// - Without it the delay between our TSC read and the snapshot lowers the
+///   bias: the late call itself lands low (nothing can aim for a delay not
+///   yet seen). The correction is the last bias: the call after it then
+///   lands high by the same delay and the one after that back in the
+///   window. (The smallest bias would keep every later call high by the
+///   largest delay seen, the first, cold, call's included.)
+///
 /// Stops inside `[0, max_error_ns]` or after `max_tries`.
 fn set_clock_calibrated<O: ClockOps + ?Sized>(
     ops: &mut O,
@@ -174,7 +182,6 @@ fn set_clock_calibrated<O: ClockOps + ?Sized>(
 ) -> Result<KvmclockOutcome, KvmError> {
     let realtime = aim.flags & KVM_CLOCK_REALTIME != 0;
     let mut correction_ns: i128 = 0;
-    let mut least_delay_bias_ns: Option<i128> = None;
     let mut outcome = KvmclockOutcome {
         method: "set_clock",
         error_ns: None,
@@ -213,15 +220,14 @@ fn set_clock_calibrated<O: ClockOps + ?Sized>(
         if in_window(err, aim.max_error_ns) {
             break;
         }
-        // This call's bias; re-aim with the least-delayed one seen.
+        // This call's bias; re-aim with the smallest one seen (realtime) or
+        // with this one.
         let bias_ns = i128::from(err) - i128::from(aim.max_error_ns / 2) + correction_ns;
-        let least_ns = match least_delay_bias_ns {
-            None => bias_ns,
-            Some(b) if realtime => b.min(bias_ns),
-            Some(b) => b.max(bias_ns),
+        correction_ns = if realtime && outcome.tries > 1 {
+            correction_ns.min(bias_ns)
+        } else {
+            bias_ns
         };
-        least_delay_bias_ns = Some(least_ns);
-        correction_ns = least_ns;
     }
     outcome.within_max_error = outcome
         .error_ns
