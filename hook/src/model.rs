@@ -283,6 +283,25 @@ pub struct Policy {
     /// ([`DEFAULT_OFFSET_DRIFT_PPM`]; docs/offset-exchange.md).
     #[serde(default = "default_offset_drift_ppm")]
     pub offset_drift_ppm: u32,
+    /// How far apart the two hosts' TAI clocks may be beyond what their
+    /// adjtimex maxerrors claim, when the offset between them was not
+    /// measured and the two readings come from different clocks (another
+    /// host, or another boot): a cross-host plan's bound includes it
+    /// ([`DEFAULT_UNMEASURED_OFFSET_NS`]; 0 trusts the claims).
+    #[serde(default = "default_unmeasured_offset_ns")]
+    pub unmeasured_offset_ns: u64,
+}
+
+/// Default of [`Policy::unmeasured_offset_ns`]: ntpd's step threshold. A
+/// daemon that calls its clock synchronised slews, not steps, any error
+/// below 128 ms, and its maxerror is a claim nothing on the destination
+/// checks; a host whose daemon is misconfigured (another server, a stepped
+/// clock) can claim a small maxerror while being off by that much
+/// (docs/crosshost.md, "The error budget").
+pub const DEFAULT_UNMEASURED_OFFSET_NS: u64 = 128_000_000;
+
+fn default_unmeasured_offset_ns() -> u64 {
+    DEFAULT_UNMEASURED_OFFSET_NS
 }
 
 /// Default of [`Policy::offset_drift_ppm`]: an NTP- or PTP-disciplined
@@ -310,6 +329,7 @@ impl Default for Policy {
             max_kvmclock_error_ns: 50,
             verify_vm_state: true,
             offset_drift_ppm: DEFAULT_OFFSET_DRIFT_PPM,
+            unmeasured_offset_ns: DEFAULT_UNMEASURED_OFFSET_NS,
         }
     }
 }

@@ -95,6 +95,10 @@ pub struct ErrorBound {
     pub destination_clock_ns: u64,
     /// Bound of the measured inter-host offset, when one was given.
     pub offset_estimate_ns: u64,
+    /// Without a measured offset, between readings of two different clocks
+    /// (another host or another boot): how far the hosts may disagree
+    /// beyond their claimed maxerrors ([`Policy::unmeasured_offset_ns`]).
+    pub unmeasured_offset_ns: u64,
     /// How far the clocks may have drifted since the offset was measured:
     /// `offset_drift_ppm` of the time from the measurement to the capture
     /// and to this sample ([`offset_drift_ns`]).
@@ -727,6 +731,13 @@ fn tai_error_bound(sidecar: &SidecarBody, dst: &Destination, policy: &Policy) ->
         None => {
             bound.source_clock_ns = sidecar.capture.quality.maxerror_ns;
             bound.destination_clock_ns = dst.sample.quality.maxerror_ns;
+            // One boot's clock read twice needs no allowance; two clocks
+            // agree only as far as someone measured.
+            let one_clock = sidecar.source_host.boot_id == dst.identity.boot_id
+                && sidecar.source_host.hostname == dst.identity.hostname;
+            if !one_clock {
+                bound.unmeasured_offset_ns = policy.unmeasured_offset_ns;
+            }
         }
     }
     bound.total_ns = [
@@ -734,6 +745,7 @@ fn tai_error_bound(sidecar: &SidecarBody, dst: &Destination, policy: &Policy) ->
         bound.destination_bracket_ns,
         bound.source_clock_ns,
         bound.destination_clock_ns,
+        bound.unmeasured_offset_ns,
         bound.offset_estimate_ns,
         bound.offset_drift_ns,
     ]

@@ -640,11 +640,20 @@ fn refuses_unsynchronised_when_required() {
     );
 }
 
+/// A capture later than the destination's clock by more than the bound is
+/// refused. Between two unmeasured clocks the bound includes the allowance
+/// for their disagreement (128 ms by default): a capture 10 ms ahead is
+/// then a disagreement the bound admits, clamped to 0 elapsed, and refused
+/// only when the operator trusts the hosts' claims.
 #[test]
 fn refuses_capture_in_the_future() {
     let (mut body, dst) = simple();
     body.capture.tai_ns = dst.sample.tai_ns + 10_000_000;
-    let err = plan(&body, &dst, &Policy::default()).unwrap_err();
+    let trusting = Policy {
+        unmeasured_offset_ns: 0,
+        ..Policy::default()
+    };
+    let err = plan(&body, &dst, &trusting).unwrap_err();
     assert!(
         matches!(
             err,
@@ -655,6 +664,48 @@ fn refuses_capture_in_the_future() {
         ),
         "{err}"
     );
+    let p = plan(&body, &dst, &Policy::default()).expect("10 ms ahead is within 128 ms");
+    assert_eq!(p.clamped_negative_elapsed_ns, 10_000_000);
+    assert_eq!(p.elapsed_ns, 0);
+    assert_eq!(p.error_bound.unmeasured_offset_ns, 128_000_000);
+
+    body.capture.tai_ns = dst.sample.tai_ns + 200_000_000;
+    let err = plan(&body, &dst, &Policy::default()).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            PlanError::CaptureInFuture {
+                ahead_ns: 200_000_000,
+                bound_ns: 128_001_000
+            }
+        ),
+        "{err}"
+    );
+}
+
+/// The allowance for an unmeasured offset applies between two clocks only:
+/// not with a measured offset, not for one boot's clock read twice.
+#[test]
+fn the_unmeasured_allowance_is_for_two_unmeasured_clocks_only() {
+    let (body, dst) = simple();
+    let p = plan(&body, &dst, &Policy::default()).expect("plan");
+    assert_eq!(p.mode, PlanMode::CrossHost);
+    assert_eq!(p.error_bound.unmeasured_offset_ns, 128_000_000);
+    assert!(p.error_bound.total_ns >= 128_000_000, "{:?}", p.error_bound);
+    let custom = Policy {
+        unmeasured_offset_ns: 5_000_000,
+        ..Policy::default()
+    };
+    let q = plan(&body, &dst, &custom).expect("plan");
+    assert_eq!(
+        p.error_bound.total_ns - q.error_bound.total_ns,
+        128_000_000 - 5_000_000
+    );
+    // Another hostname but the same boot id still means two clocks.
+    let mut same_boot = dst.clone();
+    same_boot.identity.boot_id = body.source_host.boot_id.clone();
+    let r = plan(&body, &same_boot, &Policy::default()).expect("plan");
+    assert_eq!(r.error_bound.unmeasured_offset_ns, 128_000_000);
 }
 
 #[test]

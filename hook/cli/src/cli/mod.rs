@@ -247,6 +247,12 @@ pub struct PolicyArgs {
     #[arg(long, value_name = "PPM", default_value_t = clockcarry::model::DEFAULT_OFFSET_DRIFT_PPM,
           value_parser = clap::value_parser!(u32).range(0..=10_000))]
     pub offset_drift_ppm: u32,
+    /// Without a measured offset (capture --peer), how far apart the two
+    /// hosts' clocks may be beyond their adjtimex maxerrors: added to a
+    /// cross-host plan's error bound between two clocks (another host or
+    /// another boot); 0s trusts the hosts' claims.
+    #[arg(long, value_name = "DUR", default_value = "128ms", value_parser = parse_dur)]
+    pub unmeasured_offset: u64,
 }
 
 impl PolicyArgs {
@@ -267,6 +273,7 @@ impl PolicyArgs {
             max_kvmclock_error_ns: self.max_kvmclock_error,
             verify_vm_state: !self.skip_vm_check,
             offset_drift_ppm: self.offset_drift_ppm,
+            unmeasured_offset_ns: self.unmeasured_offset,
             ..Policy::default()
         }
     }
@@ -305,6 +312,8 @@ impl PolicyArgs {
         }
         v.push("--offset-drift-ppm".into());
         v.push(self.offset_drift_ppm.to_string());
+        v.push("--unmeasured-offset".into());
+        v.push(format!("{}ns", self.unmeasured_offset));
         v
     }
 }

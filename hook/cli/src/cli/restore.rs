@@ -758,13 +758,14 @@ pub fn human(rep: &RestoreReport) -> String {
             &mut out,
             "error bound",
             format!(
-                "{} = brackets {} + {}, host clocks {} + {}, offset estimate {} + drift {}, \
-                 rate {} ({} cycles); kvm-clock {}",
+                "{} = brackets {} + {}, host clocks {} + {}, unmeasured offset {}, offset \
+                 estimate {} + drift {}, rate {} ({} cycles); kvm-clock {}",
                 human_ns(b.total_ns),
                 human_ns(b.source_bracket_ns),
                 human_ns(b.destination_bracket_ns),
                 human_ns(b.source_clock_ns),
                 human_ns(b.destination_clock_ns),
+                human_ns(b.unmeasured_offset_ns),
                 human_ns(b.offset_estimate_ns),
                 human_ns(b.offset_drift_ns),
                 human_ns(b.rate_error_ns),

@@ -168,6 +168,9 @@ fn fill(row: &mut Row, ctx: &Ctx, dir: &Path, off_a: &[i64], result: &Value, d: 
     row.error_bound_ns = result
         .pointer("/restore/summary/error_bound/total_ns")
         .and_then(Value::as_u64);
+    row.unmeasured_offset_ns = result
+        .pointer("/restore/summary/error_bound/unmeasured_offset_ns")
+        .and_then(Value::as_u64);
     row.plan_mode = result
         .pointer("/restore/summary/mode")
         .and_then(Value::as_str)
