@@ -344,6 +344,8 @@ struct PolicyIn {
     verify_vm_state: bool,
     /// `None`: 20 ppm.
     offset_drift_ppm: Option<u32>,
+    /// `None`: the default allowance, 128 ms.
+    unmeasured_offset_ns: Option<u64>,
 }
 
 #[derive(Arbitrary, Debug)]
@@ -617,6 +619,9 @@ fn policy(p: &PolicyIn) -> Policy {
         max_kvmclock_error_ns: p.max_kvmclock_error_ns,
         verify_vm_state: p.verify_vm_state,
         offset_drift_ppm: p.offset_drift_ppm.unwrap_or(20),
+        unmeasured_offset_ns: p
+            .unmeasured_offset_ns
+            .unwrap_or(clockcarry::model::DEFAULT_UNMEASURED_OFFSET_NS),
     }
 }
 
@@ -771,6 +776,20 @@ fn check_plan(sc: &SidecarBody, dst: &Destination, policy: &Policy, p: &Plan) {
             );
         }
     }
+    // Between two clocks, without an estimate: the policy's allowance.
+    let two_clocks = sc.source_host.boot_id != dst.identity.boot_id
+        || sc.source_host.hostname != dst.identity.hostname;
+    let unmeasured_ns = if given.is_empty() && two_clocks {
+        policy.unmeasured_offset_ns
+    } else {
+        0
+    };
+    if uses_tai {
+        assert_eq!(
+            p.error_bound.unmeasured_offset_ns, unmeasured_ns,
+            "the allowance for an unmeasured offset"
+        );
+    }
     if given.len() <= 1 {
         let correction = given.first().map_or(0, |e| i128::from(e.offset_ns));
         let raw = i128::from(dst.sample.tai_ns) - correction - i128::from(sc.capture.tai_ns);
@@ -784,7 +803,8 @@ fn check_plan(sc: &SidecarBody, dst: &Destination, policy: &Policy, p: &Plan) {
                 .capture
                 .quality
                 .maxerror_ns
-                .saturating_add(dst.sample.quality.maxerror_ns),
+                .saturating_add(dst.sample.quality.maxerror_ns)
+                .saturating_add(unmeasured_ns),
         };
         let tai_bound = sc
             .capture
@@ -900,6 +920,7 @@ fn check_plan(sc: &SidecarBody, dst: &Destination, policy: &Policy, p: &Plan) {
         b.destination_bracket_ns,
         b.source_clock_ns,
         b.destination_clock_ns,
+        b.unmeasured_offset_ns,
         b.offset_estimate_ns,
         b.offset_drift_ns,
         b.rate_error_ns,
