@@ -225,9 +225,7 @@ pub fn plan(sidecar: &SidecarBody, dst: &Destination, policy: &Policy) -> Result
     let guest_khz = src.tsc_khz;
     let mut notes = Vec::new();
 
-    let same_host = sidecar.source_host.boot_id == dst.identity.boot_id
-        && sidecar.source_host.hostname == dst.identity.hostname
-        && dst.sample.host_tsc >= sidecar.capture.host_tsc;
+    let same_host = one_clock(sidecar, dst) && dst.sample.host_tsc >= sidecar.capture.host_tsc;
     let mode = if same_host {
         PlanMode::SameHost
     } else {
@@ -714,6 +712,13 @@ pub fn offset_drift_ns(
     u64::try_from(ns).unwrap_or(u64::MAX)
 }
 
+/// The capture and the destination's sample read one clock: the same host
+/// (hostname) in the same boot (boot_id).
+fn one_clock(sidecar: &SidecarBody, dst: &Destination) -> bool {
+    sidecar.source_host.boot_id == dst.identity.boot_id
+        && sidecar.source_host.hostname == dst.identity.hostname
+}
+
 /// Brackets and host clock errors, or the measured offset's bound and
 /// drift (the rate term is added once elapsed is known).
 fn tai_error_bound(sidecar: &SidecarBody, dst: &Destination, policy: &Policy) -> ErrorBound {
@@ -733,9 +738,7 @@ fn tai_error_bound(sidecar: &SidecarBody, dst: &Destination, policy: &Policy) ->
             bound.destination_clock_ns = dst.sample.quality.maxerror_ns;
             // One boot's clock read twice needs no allowance; two clocks
             // agree only as far as someone measured.
-            let one_clock = sidecar.source_host.boot_id == dst.identity.boot_id
-                && sidecar.source_host.hostname == dst.identity.hostname;
-            if !one_clock {
+            if !one_clock(sidecar, dst) {
                 bound.unmeasured_offset_ns = policy.unmeasured_offset_ns;
             }
         }

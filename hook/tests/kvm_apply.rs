@@ -7,7 +7,7 @@
 
 use clockcarry::kvm::{
     apply_request, apply_with, ApplyError, ApplyOptions, ApplyRequest, ApplyStep, ClockOps,
-    ClockRequest, FollowVia, KvmError,
+    ClockRequest, FollowVia, KvmError, KvmclockOutcome, DEFAULT_SET_CLOCK_TRIES,
 };
 use clockcarry::model::{
     ClockPolicy, KvmClockSample, Pvti, PvtiSource, KVM_CLOCK_HOST_TSC, KVM_CLOCK_REALTIME,
@@ -750,6 +750,30 @@ fn kvmclock_never_lands_below_the_line() {
     }
 }
 
+/// A calibrated follow of the source line on a fake kernel whose
+/// KVM_SET_CLOCK calls have these biases (with or without
+/// KVM_CLOCK_REALTIME): the kvm-clock outcome.
+fn follow_with_biases(biases_ns: &[i64], realtime: bool, max_tries: u32) -> KvmclockOutcome {
+    let mut kvm = FakeKvm::new(2);
+    kvm.set_clock_biases_ns = biases_ns.to_vec();
+    let req = request(
+        &kvm,
+        4_000,
+        ClockRequest::Follow {
+            pvti: source_pvti(),
+            max_error_ns: 50,
+            via: FollowVia::SetClock,
+        },
+    );
+    let options = ApplyOptions {
+        set_clock_realtime: realtime,
+        max_set_clock_tries: max_tries,
+        ..ApplyOptions::default()
+    };
+    let report = apply_request(&mut kvm, &req, &options).expect("applied");
+    report.kvmclock.expect("kvm-clock set")
+}
+
 /// One preempted KVM_SET_CLOCK (its realtime read 5 us late) must not
 /// push the next call below the line: the loop corrects with the bias of
 /// the least-delayed call, not the last one. With the last one's bias the
@@ -762,24 +786,7 @@ fn a_preempted_set_clock_does_not_push_the_next_below_the_line() {
         (vec![100, 5_100, 100, 9_100, 100], 5),
         (vec![100, 300, 5_100, 100], 4),
     ] {
-        let mut kvm = FakeKvm::new(2);
-        kvm.set_clock_biases_ns = biases_ns.clone();
-        let req = request(
-            &kvm,
-            4_000,
-            ClockRequest::Follow {
-                pvti: source_pvti(),
-                max_error_ns: 50,
-                via: FollowVia::SetClock,
-            },
-        );
-        let options = ApplyOptions {
-            set_clock_realtime: true,
-            max_set_clock_tries: max_tries,
-            ..ApplyOptions::default()
-        };
-        let report = apply_request(&mut kvm, &req, &options).expect("applied");
-        let k = report.kvmclock.expect("kvm-clock set");
+        let k = follow_with_biases(&biases_ns, true, max_tries);
         let err = k.error_ns.expect("measured");
         assert!(
             (0..=50).contains(&err) && k.within_max_error,
@@ -802,23 +809,7 @@ fn a_preempted_set_clock_does_not_push_the_next_below_the_line() {
 #[test]
 fn without_realtime_a_preempted_set_clock_keeps_the_next_above_the_line() {
     for biases_ns in [vec![5_100i64, 100, 100], vec![100, 5_100, 100, 100]] {
-        let mut kvm = FakeKvm::new(2);
-        kvm.set_clock_biases_ns = biases_ns.clone();
-        let req = request(
-            &kvm,
-            4_000,
-            ClockRequest::Follow {
-                pvti: source_pvti(),
-                max_error_ns: 50,
-                via: FollowVia::SetClock,
-            },
-        );
-        let options = ApplyOptions {
-            set_clock_realtime: false,
-            ..ApplyOptions::default()
-        };
-        let report = apply_request(&mut kvm, &req, &options).expect("applied");
-        let k = report.kvmclock.expect("kvm-clock set");
+        let k = follow_with_biases(&biases_ns, false, DEFAULT_SET_CLOCK_TRIES);
         let errs = &k.try_errors_ns;
         let late = biases_ns
             .iter()
