@@ -6,8 +6,9 @@
 #![cfg(all(feature = "kvm", target_os = "linux", target_arch = "x86_64"))]
 
 use clockcarry::kvm::{
-    apply_request, apply_with, ApplyError, ApplyOptions, ApplyRequest, ApplyStep, ClockOps,
-    ClockRequest, FollowVia, KvmError, KvmclockOutcome, DEFAULT_SET_CLOCK_TRIES,
+    apply_request, apply_request_from, apply_with, ApplyError, ApplyOptions, ApplyRequest,
+    ApplyStep, ClockOps, ClockRequest, FollowVia, KvmError, KvmclockOutcome, Previous,
+    DEFAULT_SET_CLOCK_TRIES,
 };
 use clockcarry::model::{
     ClockPolicy, KvmClockSample, Pvti, PvtiSource, KVM_CLOCK_HOST_TSC, KVM_CLOCK_REALTIME,
@@ -348,6 +349,61 @@ fn fault_on_vcpu_2_of_4_leaves_every_offset_as_it_was() {
     assert_eq!(rb.offsets_restored_vcpus, 3);
     assert!(rb.failures.is_empty());
     assert_eq!(rb.clock_restored, None);
+}
+
+#[test]
+fn known_previous_offsets_skip_the_read_and_are_what_a_rollback_puts_back() {
+    let mut kvm = FakeKvm::new(4);
+    // What the VMM says is in place (vCPU 0's, as a stock restore leaves it).
+    let known = vec![kvm.offsets[0]; 4];
+    let req = request(&kvm, 1_000_000_000, ClockRequest::Leave);
+    let options = ApplyOptions {
+        read_back: false,
+        ..ApplyOptions::default()
+    };
+    let report =
+        apply_request_from(&mut kvm, &req, &options, Previous::Known(&known)).expect("apply");
+    // No read before the first write; the one read after the writes is
+    // the offset kvm-clock is aimed with.
+    let first_write = kvm
+        .log
+        .iter()
+        .position(|c| matches!(c, Call::SetOffset(..)))
+        .expect("writes");
+    assert!(!kvm.log[..first_write]
+        .iter()
+        .any(|c| matches!(c, Call::GetOffset(_))));
+    let reads = kvm.log.iter().filter(|c| matches!(c, Call::GetOffset(_)));
+    assert_eq!(reads.count(), 1, "{:?}", kvm.log);
+    assert_eq!(report.previous_offsets, known);
+    assert!(!report.steps.iter().any(|s| s.name == "read_offsets"));
+
+    // A failure on vCPU 2 puts the known offsets back on 0..=2.
+    let mut kvm = FakeKvm::new(4);
+    kvm.fault = Some((Op::SetOffset, 2, libc::EIO));
+    let untouched = kvm.offsets[3];
+    let req = request(&kvm, 1_000_000_000, ClockRequest::Leave);
+    let err = apply_request_from(&mut kvm, &req, &options, Previous::Known(&known))
+        .expect_err("must fail");
+    assert_eq!(failed(&err).0, ApplyStep::Offset { vcpu: 2 });
+    assert_eq!(kvm.offsets[..3], known[..3]);
+    assert_eq!(kvm.offsets[3], untouched);
+    assert_eq!(err.rollback().expect("rollback").offsets_restored_vcpus, 3);
+}
+
+#[test]
+fn known_previous_offsets_of_the_wrong_length_are_refused_before_any_call() {
+    let mut kvm = FakeKvm::new(4);
+    let req = request(&kvm, 0, ClockRequest::Leave);
+    let err = apply_request_from(
+        &mut kvm,
+        &req,
+        &ApplyOptions::default(),
+        Previous::Known(&[0; 3]),
+    )
+    .expect_err("refused");
+    assert!(err.to_string().contains("previous_offsets"), "{err}");
+    assert!(kvm.log.is_empty(), "{:?}", kvm.log);
 }
 
 #[test]

@@ -1,5 +1,6 @@
 //! Apply an [`ApplyRequest`] (what a [`Plan`] or a `PUT vm.clock` asks) to
-//! a VM: frequency -> all offsets back to back -> kvm-clock (KVM_SET_CLOCK_GUEST,
+//! a VM: every offset read for a rollback (unless the caller knows them,
+//! [`Previous::Known`]) -> frequency -> all offsets back to back -> kvm-clock (KVM_SET_CLOCK_GUEST,
 //! the calibrated KVM_SET_CLOCK of [`super::calibrate`], one raw
 //! KVM_SET_CLOCK, or nothing) -> KVMCLOCK_CTRL on each vCPU -> read every
 //! offset back (unless [`ApplyOptions::read_back`] is off). On any failure
@@ -110,14 +111,46 @@ pub fn apply_with<O: ClockOps + ?Sized>(
     apply_request(ops, &ApplyRequest::from_plan(plan), options)
 }
 
-/// Applies `request` through `ops`. Never panics; see the module doc for the
-/// order and docs/kvm.md for the rollback semantics.
+/// The offsets a rollback puts back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Previous<'a> {
+    /// Read every vCPU's offset before the first write (one vCPU ioctl
+    /// each, about 4.4 us on a PVM host).
+    Read,
+    /// The caller knows what is in place (a VMM that has just loaded the
+    /// state, docs/armed.md): no read; a failed apply puts these back. One
+    /// per vCPU.
+    Known(&'a [i64]),
+}
+
+/// Applies `request` through `ops`, reading the offsets a rollback needs
+/// ([`apply_request_from`] with [`Previous::Read`]).
 pub fn apply_request<O: ClockOps + ?Sized>(
     ops: &mut O,
     request: &ApplyRequest,
     options: &ApplyOptions,
 ) -> Result<ApplyReport, ApplyError> {
+    apply_request_from(ops, request, options, Previous::Read)
+}
+
+/// Applies `request` through `ops`, a rollback putting back `previous`.
+/// Never panics; see the module doc for the order and docs/kvm.md for the
+/// rollback semantics.
+pub fn apply_request_from<O: ClockOps + ?Sized>(
+    ops: &mut O,
+    request: &ApplyRequest,
+    options: &ApplyOptions,
+    previous: Previous<'_>,
+) -> Result<ApplyReport, ApplyError> {
     let start = Instant::now();
+    if let Previous::Known(offsets) = previous {
+        if offsets.len() != ops.vcpu_count() {
+            return Err(ApplyError::InvalidPlan {
+                field: "previous_offsets".into(),
+                reason: format!("{} offsets for {} vCPUs", offsets.len(), ops.vcpu_count()),
+            });
+        }
+    }
     request.validate(ops.vcpu_count()).map_err(|e| match e {
         RequestError::VcpuCountMismatch { request, vm } => {
             ApplyError::VcpuCountMismatch { plan: request, vm }
@@ -129,7 +162,7 @@ pub fn apply_request<O: ClockOps + ?Sized>(
     })?;
     let mut report = ApplyReport::default();
     let mut undo = Undo::default();
-    let result = run_steps(ops, request, options, &mut report, &mut undo);
+    let result = run_steps(ops, request, options, previous, &mut report, &mut undo);
     report.total_ns = elapsed_ns(start);
     match result {
         Ok(()) => Ok(report),
@@ -155,22 +188,14 @@ fn run_steps<O: ClockOps + ?Sized>(
     ops: &mut O,
     plan: &ApplyRequest,
     options: &ApplyOptions,
+    previous: Previous<'_>,
     report: &mut ApplyReport,
     undo: &mut Undo,
 ) -> Result<(), StepError> {
     let n = plan.tsc_offsets.len();
     let offset_step = |i: usize| ApplyStep::Offset { vcpu: vcpu_u32(i) };
 
-    // Remember every current offset.
-    let t = Instant::now();
-    for i in 0..n {
-        let off = ops
-            .get_tsc_offset(i)
-            .map_err(|e| (offset_step(i), e.on_vcpu(i)))?;
-        undo.offsets.push(off);
-    }
-    report.previous_offsets.clone_from(&undo.offsets);
-    record(report, "read_offsets", t);
+    remember_offsets(ops, n, previous, report, undo)?;
 
     // Frequency, only when asked and different.
     if let Some(khz) = plan.tsc_khz {
@@ -271,6 +296,31 @@ fn run_steps<O: ClockOps + ?Sized>(
     }
     report.tsc_offsets_effective = matches_plan && options.tsc_offsets_effective;
     record(report, "verify", t);
+    Ok(())
+}
+
+/// Every current offset, for the rollback: read, or as the caller knows them.
+fn remember_offsets<O: ClockOps + ?Sized>(
+    ops: &mut O,
+    n: usize,
+    previous: Previous<'_>,
+    report: &mut ApplyReport,
+    undo: &mut Undo,
+) -> Result<(), StepError> {
+    match previous {
+        Previous::Known(offsets) => undo.offsets.extend_from_slice(offsets),
+        Previous::Read => {
+            let t = Instant::now();
+            for i in 0..n {
+                let off = ops
+                    .get_tsc_offset(i)
+                    .map_err(|e| (ApplyStep::Offset { vcpu: vcpu_u32(i) }, e.on_vcpu(i)))?;
+                undo.offsets.push(off);
+            }
+            record(report, "read_offsets", t);
+        }
+    }
+    report.previous_offsets.clone_from(&undo.offsets);
     Ok(())
 }
 

@@ -33,7 +33,10 @@ pub mod selftest;
 pub mod sys;
 
 pub use crate::request::{ApplyRequest, ClockRequest, FollowVia, CLOCK_GUEST_MAX_ERROR_NS};
-pub use apply::{apply, apply_request, apply_with, ApplyOptions, DEFAULT_SET_CLOCK_TRIES};
+pub use apply::{
+    apply, apply_request, apply_request_from, apply_with, ApplyOptions, Previous,
+    DEFAULT_SET_CLOCK_TRIES,
+};
 pub use caps::{probe, KvmProbe, OffsetWriteTest};
 pub use capture::{capture, capture_with, kvmclock_msr, read_pvti_consistent, PvtiReader};
 pub use ops::{ClockOps, KvmOps};
