@@ -23,6 +23,12 @@ pub struct OffsetWriteTest {
     pub restored: bool,
 }
 
+/// KVM_CAP_ADJUST_CLOCK read as an int (a VM ioctl, no vCPU touched): the
+/// KVM_CLOCK_* flags KVM_GET_CLOCK can report, 0 when it is absent.
+pub fn adjust_clock_flags(vm: &VmFd) -> u32 {
+    u32::try_from(vm.check_extension_raw(KVM_CAP_ADJUST_CLOCK as libc::c_ulong)).unwrap_or(0)
+}
+
 /// Everything the probe found, more than [`Capabilities`] carries.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct KvmProbe {

@@ -26,7 +26,7 @@ use crate::elf::PvhImage;
 use crate::http::{Request, Response};
 use crate::migration::{self, Channel, Header, MemoryTransfer};
 use crate::state::{self, VmConfig};
-use crate::vm::{MemorySource, Vm, VmError, VmOptions, VmState};
+use crate::vm::{MemorySource, RestoreClock, Vm, VmError, VmOptions, VmState};
 use clockcarry::vmclock_api::{PutFailure, PutOutcome};
 
 /// Root of every endpoint.
@@ -414,6 +414,7 @@ impl Vmm {
             &snap,
             MemorySource::Copy(&mut reader),
             &self.opts,
+            restore_clock(body.clock.as_ref()),
         )
         .map_err(|e| chain(action, "Cannot restore VM", &e))?;
         self.finish_restore(vm, action, body.resume, body.clock.as_ref())
@@ -435,11 +436,23 @@ impl Vmm {
                 match timed(|| clockapi::put(&mut vm, clockapi::PutMode::Armed, body, None)) {
                     (Ok(reply), ns) => {
                         vm.set_armed_clock_ns(ns);
+                        vm.drop_deferred_restore_clock();
                         Some(reply)
                     }
                     (Err(e), _) => {
+                        // Refused or rolled back: the VM becomes what a
+                        // stock restore leaves, and stays paused.
+                        let stock = vm.finish_deferred_restore_clock();
                         self.owner = Owner::Owned(Box::new(vm));
-                        return Err(clock_failure(e));
+                        let mut failure = clock_failure(e);
+                        if let Err(b) = stock {
+                            let m = format!("then the baseline's restore clock failed too: {b}");
+                            failure.chain.push(m.clone());
+                            if let Some(c) = failure.clock.as_mut() {
+                                c.messages.push(m);
+                            }
+                        }
+                        return Err(failure);
                     }
                 }
             }
@@ -518,6 +531,7 @@ impl Vmm {
                         &header.snapshot,
                         MemorySource::Fd(fd),
                         &self.opts,
+                        restore_clock(body.clock.as_ref()),
                     )
                     .map_err(|e| e.to_string())
                 }),
@@ -526,6 +540,7 @@ impl Vmm {
                 &header.snapshot,
                 MemorySource::Copy(channel.reader()),
                 &self.opts,
+                restore_clock(body.clock.as_ref()),
             )
             .map_err(|e| e.to_string()),
         };
@@ -683,6 +698,15 @@ fn wait_readable(listener: &std::os::unix::net::UnixListener, timeout_ms: i32) -
 }
 
 /// `f()` and how long it took, ns.
+/// An armed clock in the request replaces the baseline's restore-time
+/// clock handling (run later only if the armed clock does not apply).
+fn restore_clock(clock: Option<&ClockPut>) -> RestoreClock {
+    match clock {
+        Some(_) => RestoreClock::Deferred,
+        None => RestoreClock::Baseline,
+    }
+}
+
 fn timed<T>(f: impl FnOnce() -> T) -> (T, u64) {
     let t = std::time::Instant::now();
     let v = f();

@@ -24,7 +24,8 @@
 //! raw KVM_SET_CLOCK; `null` leaves kvm-clock alone.
 
 use clockcarry::kvm::{
-    apply_request, capture, ApplyError, ApplyOptions, ApplyReport, ApplyRequest, KvmOps, KvmProbe,
+    apply_request_from, capture, ApplyError, ApplyOptions, ApplyReport, ApplyRequest, KvmOps,
+    KvmProbe, Previous,
 };
 use clockcarry::model::{Capabilities, RunState, VmClock, KVM_CLOCK_REALTIME};
 use clockcarry::request::RequestError;
@@ -175,12 +176,24 @@ pub enum PutMode<'a> {
     Armed,
 }
 
+/// What an armed clock is applied with once its checks passed.
+pub struct ArmedApply {
+    pub options: ApplyOptions,
+    /// What a failed apply puts back on every vCPU: vCPU 0's offset as the
+    /// state was loaded (what the ch-v53 restore would have copied to all),
+    /// so that no second pass of vCPU ioctls reads them first.
+    pub previous_offsets: Vec<i64>,
+}
+
 /// The armed clock's apply-time checks (`clockcarry::vmclock_api::arm`)
 /// against this host now and the VM's restored state: 400 when refused.
-pub fn check_armed(vm: &Vm, body: &ClockPut) -> Result<ApplyOptions, ClockApiError> {
+/// One vCPU ioctl (vCPU 0's TSC offset; its rate too when the saved state
+/// had none); the rest is VM ioctls and the saved state.
+pub fn check_armed(vm: &Vm, body: &ClockPut) -> Result<ArmedApply, ClockApiError> {
     let Some(arm) = &body.arm else {
         return Err(ClockApiError::BadRequest(
-            "clock.arm: an armed clock carries its checks (planned pair, validity, vCPU count,              capture TSC); plan it with `clockcarry arm`"
+            "clock.arm: an armed clock carries its checks (planned pair, validity, vCPU count, \
+             capture TSC); plan it with `clockcarry arm`"
                 .into(),
         ));
     };
@@ -189,15 +202,16 @@ pub fn check_armed(vm: &Vm, body: &ClockPut) -> Result<ApplyOptions, ClockApiErr
         step: None,
         rollback: None,
     };
-    let (probe, guest_khz) = vm.with_vcpus(|fd, vcpus| match vcpus.first() {
-        Some(v0) => {
-            let probe = KvmProbe::cheap(fd, v0);
-            let khz = clockcarry::kvm::sys::vcpu_get_tsc_khz(v0);
-            Ok((probe, khz))
-        }
+    let known_khz = vm.restored_tsc_khz();
+    let (guest_khz, offset0) = vm.with_vcpus(|_, vcpus| match vcpus.first() {
+        Some(v0) => Ok((
+            known_khz.map_or_else(|| clockcarry::kvm::sys::vcpu_get_tsc_khz(v0), Ok),
+            clockcarry::kvm::sys::get_tsc_offset(v0),
+        )),
         None => Err(ClockApiError::BadRequest("the VM has no vCPUs".into())),
     })?;
     let guest_khz = guest_khz.map_err(|e| failed("the guest TSC rate", &e))?;
+    let offset0 = offset0.map_err(|e| failed("vCPU 0's TSC offset", &e))?;
     let host_khz = match clockcarry::kvm::sys::vm_get_tsc_khz(vm.vm_fd()) {
         Ok(khz) => khz,
         Err(_) => {
@@ -220,9 +234,18 @@ pub fn check_armed(vm: &Vm, body: &ClockPut) -> Result<ApplyOptions, ClockApiErr
         vm.restored_tsc(),
     )
     .map_err(|e| ClockApiError::BadRequest(format!("armed clock refused: {e}")))?;
-    Ok(ApplyOptions {
-        read_back: false,
-        ..ApplyOptions::from_probe(&probe)
+    let adjust_clock = clockcarry::kvm::caps::adjust_clock_flags(vm.vm_fd());
+    Ok(ArmedApply {
+        options: ApplyOptions {
+            // No scratch-VM probe inside the blackout: offsets are taken to
+            // take effect (the offset read after the writes aims kvm-clock
+            // where they do not), CLOCK_GUEST unused, REALTIME as the
+            // capability says.
+            set_clock_realtime: adjust_clock & KVM_CLOCK_REALTIME != 0,
+            read_back: false,
+            ..ApplyOptions::default()
+        },
+        previous_offsets: vec![offset0; body.tsc_offsets.len()],
     })
 }
 
@@ -237,9 +260,16 @@ pub fn put(
     fault: Option<FaultPut>,
 ) -> Result<PutReply, ClockApiError> {
     check_put(vm, body)?;
-    let options = match (mode, &body.arm) {
-        (PutMode::Probed(probed), None) => probed.apply_options(),
-        _ => check_armed(vm, body)?,
+    let (options, previous) = match (mode, &body.arm) {
+        (PutMode::Probed(probed), None) => (probed.apply_options(), None),
+        _ => {
+            let a = check_armed(vm, body)?;
+            (a.options, Some(a.previous_offsets))
+        }
+    };
+    let previous = match &previous {
+        Some(offsets) => Previous::Known(offsets),
+        None => Previous::Read,
     };
     // follow_pvti -> CLOCK_GUEST or the calibrated SET_CLOCK, set_clock ->
     // one raw KVM_SET_CLOCK, null -> no clock call: the library's contract.
@@ -250,7 +280,7 @@ pub fn put(
             fault,
             failed: false,
         };
-        apply_request(&mut ops, &request, &options)
+        apply_request_from(&mut ops, &request, &options, previous)
     });
     let report = result.map_err(|e| match &e {
         ApplyError::VcpuCountMismatch { .. } | ApplyError::InvalidPlan { .. } => {

@@ -45,3 +45,8 @@ pub fn tai_ns() -> u64 {
 pub fn realtime_ns() -> u64 {
     host::realtime_now_ns().unwrap_or(0)
 }
+
+/// Nanoseconds since `since` (saturating).
+pub fn elapsed_ns(since: std::time::Instant) -> u64 {
+    u64::try_from(since.elapsed().as_nanos()).unwrap_or(u64::MAX)
+}

@@ -115,6 +115,19 @@ pub enum MemorySource<'a> {
     Fd(OwnedFd),
 }
 
+/// What a restore does with the baseline's restore-time clock handling
+/// (for ch-v53: vCPU 0's TSC offset copied to every vCPU).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RestoreClock {
+    /// Run it as the stock VMM does.
+    Baseline,
+    /// An armed clock comes with the request and replaces it: it is left
+    /// for [`Vm::finish_deferred_restore_clock`], which runs it only when
+    /// the armed clock is refused or fails (the VM is then exactly as a
+    /// stock restore leaves it).
+    Deferred,
+}
+
 /// A VM and its vCPU threads. Fields drop in order: threads first, then
 /// the VM fd, then the memory.
 pub struct Vm {
@@ -136,6 +149,9 @@ pub struct Vm {
     /// Each vCPU's guest TSC as the restored state held it (an armed
     /// clock's identity and floor check); empty for a booted VM.
     restored_tsc: Vec<Option<u64>>,
+    /// vCPU 0's TSC rate as the restore set it (the saved state's), kHz;
+    /// `None` for a booted VM or a state that carried no rate.
+    restored_tsc_khz: Option<u32>,
     /// Host CLOCK_TAI at the last pause and at the last resume (just before
     /// the vCPUs were released), ns: the blackout as the VMM sees it.
     paused_tai_ns: Option<u64>,
@@ -143,6 +159,13 @@ pub struct Vm {
     /// How long the last armed clock took inside the blackout (checks and
     /// apply, from the state loaded to the clock in place), ns.
     armed_clock_ns: Option<u64>,
+    /// The baseline's restore-time clock handling was deferred
+    /// ([`RestoreClock::Deferred`]) and has not run.
+    restore_clock_deferred: bool,
+    /// How long the baseline's clock handling took inside the last
+    /// blackout, at restore and at resume, ns (0 when it made no call).
+    restore_clock_ns: Option<u64>,
+    resume_clock_ns: Option<u64>,
     notes: Vec<String>,
 }
 
@@ -254,9 +277,13 @@ impl Vm {
             restore_pending: false,
             clock_put: false,
             restored_tsc: Vec::new(),
+            restored_tsc_khz: None,
             paused_tai_ns: None,
             resumed_tai_ns: None,
             armed_clock_ns: None,
+            restore_clock_deferred: false,
+            restore_clock_ns: None,
+            resume_clock_ns: None,
             notes: Vec::new(),
         })
     }
@@ -293,12 +320,14 @@ impl Vm {
     }
 
     /// Rebuilds a VM from saved state, the way the stock VMM does (TSC from
-    /// the saved MSR value, the baseline's clock handling). It stays Paused.
+    /// the saved MSR value, the baseline's clock handling unless `clock`
+    /// defers it). It stays Paused.
     pub fn restore(
         kvm: &Kvm,
         snap: &VmSnapshot,
         memory: MemorySource<'_>,
         opts: &VmOptions,
+        clock: RestoreClock,
     ) -> Result<Vm, VmError> {
         snap.validate().map_err(VmError::State)?;
         let ram = match memory {
@@ -317,16 +346,37 @@ impl Vm {
         for (fd, state) in parts.fds.iter().zip(&snap.vcpus) {
             cpu::restore(fd, state)?;
         }
-        let refs: Vec<&VcpuFd> = parts.fds.iter().collect();
-        let notes = opts
-            .baseline
-            .on_restore(&parts.vm_fd, &refs, snap.clock.as_ref())?;
         let mut vm = Vm::assemble(parts, ram, snap.config.clone(), opts, VmState::Paused)?;
         vm.saved_clock = snap.clock;
         vm.restore_pending = true;
         vm.restored_tsc = snap.vcpus.iter().map(cpu::VcpuState::tsc).collect();
-        vm.notes = notes;
+        vm.restored_tsc_khz = snap.vcpus.first().map(|v| v.tsc_khz).filter(|k| *k != 0);
+        vm.restore_clock_deferred = true;
+        if clock == RestoreClock::Baseline {
+            vm.finish_deferred_restore_clock()?;
+        }
         Ok(vm)
+    }
+
+    /// Runs the baseline's restore-time clock handling if it was deferred
+    /// and has not run (a no-op otherwise); timed in `restore_clock_ns`.
+    pub fn finish_deferred_restore_clock(&mut self) -> Result<(), VmError> {
+        if !self.restore_clock_deferred {
+            return Ok(());
+        }
+        self.restore_clock_deferred = false;
+        let (baseline, saved) = (self.baseline, self.saved_clock);
+        let t = std::time::Instant::now();
+        let notes = self.with_vcpus(|vm, vcpus| baseline.on_restore(vm, vcpus, saved.as_ref()))?;
+        self.restore_clock_ns = Some(stamp::elapsed_ns(t));
+        self.notes.extend(notes);
+        Ok(())
+    }
+
+    /// The armed clock replaced the deferred restore-time handling.
+    pub fn drop_deferred_restore_clock(&mut self) {
+        self.restore_clock_deferred = false;
+        self.restore_clock_ns = Some(0);
     }
 
     pub fn state(&self) -> VmState {
@@ -353,6 +403,12 @@ impl Vm {
     /// Each vCPU's guest TSC in the restored state (empty when booted).
     pub fn restored_tsc(&self) -> &[Option<u64>] {
         &self.restored_tsc
+    }
+
+    /// vCPU 0's TSC rate as the restore set it (`cpu::restore` makes every
+    /// vCPU run at its saved rate), kHz.
+    pub fn restored_tsc_khz(&self) -> Option<u32> {
+        self.restored_tsc_khz
     }
 
     /// A vm.clock PUT was applied: resume must not apply a clock.
@@ -411,10 +467,14 @@ impl Vm {
         }
         let in_place = !self.restore_pending;
         let skip = self.clock_put || (in_place && self.clock_extension);
+        // A deferred restore-time clock that nothing replaced runs now.
+        self.finish_deferred_restore_clock()?;
+        let t = std::time::Instant::now();
         if !skip {
             let (baseline, saved) = (self.baseline, self.saved_clock);
             self.with_vcpus(|vm, vcpus| baseline.on_resume(vm, vcpus, saved.as_ref()))?;
         }
+        self.resume_clock_ns = Some(stamp::elapsed_ns(t));
         self.restore_pending = false;
         self.clock_put = false;
         self.state = VmState::Running;
@@ -474,6 +534,8 @@ impl Vm {
                 "paused_tai_ns": self.paused_tai_ns,
                 "resumed_tai_ns": self.resumed_tai_ns,
                 "armed_clock_ns": self.armed_clock_ns,
+                "restore_clock_ns": self.restore_clock_ns,
+                "resume_clock_ns": self.resume_clock_ns,
                 "probe_reports": self.reports(),
                 "last_debug_port_byte": self.io.last_debug_byte.load(Ordering::Relaxed),
                 "vcpu_errors": self.runner.errors(),

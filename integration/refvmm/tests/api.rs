@@ -541,6 +541,13 @@ fn armed_restore_applies_before_the_first_run_or_refuses_naming_the_field() {
     assert_eq!(typed.outcome, PutOutcome::Refused, "{b}");
     assert_eq!(state(&dst), "Paused");
     assert_eq!(info(&dst)["clockcarry"]["restore_pending"], true);
+    // The refused clock left the VM as a stock restore does: the
+    // baseline's restore-time clock handling ran after the refusal.
+    assert!(
+        info(&dst)["clockcarry"]["restore_clock_ns"].as_u64() > Some(0),
+        "{}",
+        info(&dst)
+    );
     let good = armed_body(&offsets, capture_guest_tsc, 2, 60_000_000_000);
     let (s, b) = call(&dst, "PUT", "vm.clock", Some(&good));
     assert_eq!(s, 200, "{b}");
@@ -581,5 +588,8 @@ fn armed_restore_applies_before_the_first_run_or_refuses_naming_the_field() {
     assert!(info(&dst)["clockcarry"]["resumed_tai_ns"]
         .as_u64()
         .is_some());
+    // The armed clock replaced the baseline's restore-time handling.
+    assert_eq!(info(&dst)["clockcarry"]["restore_clock_ns"], 0);
+    assert!(info(&dst)["clockcarry"]["armed_clock_ns"].as_u64() > Some(0));
     dst.shutdown();
 }
