@@ -176,6 +176,15 @@ pub struct Row {
     /// clockcarry rows: restore start to the PUT's answer, ns (what it adds
     /// to the blackout).
     pub restore_ns: Option<u64>,
+    /// The source's TSC offsets while it ran, and the destination's after
+    /// the resume (`GET vm.clock`), cycles.
+    pub src_offsets: Option<Vec<i64>>,
+    pub dst_offsets: Option<Vec<i64>>,
+    /// clockcarry rows of a same-host plan where offsets take effect: the
+    /// destination's offsets equal the source's bit for bit (a same-host
+    /// plan copies them: 0 cycles of TSC error, not just within the
+    /// probe's measurement bound).
+    pub offsets_bit_exact: Option<bool>,
     /// Every check of [`check_row`] passed.
     pub pass: bool,
     pub failed_checks: Vec<String>,
@@ -192,6 +201,8 @@ struct Run<'a> {
     dir: PathBuf,
     offsets_effective: Option<bool>,
     restored: Option<RestoreOutcome>,
+    src_offsets: Option<Vec<i64>>,
+    dst_offsets: Option<Vec<i64>>,
 }
 
 impl Run<'_> {
@@ -226,15 +237,19 @@ impl Run<'_> {
         VmmProcess::start(program, prefix, &self.dir, name, &args)
     }
 
-    /// Warms up, then notes whether TSC offsets take effect here.
+    /// Warms up, then notes whether TSC offsets take effect here and the
+    /// source's offsets.
     fn warm_up(&mut self, vmm: &VmmProcess) {
         self.step("warm up, GET vm.clock");
         std::thread::sleep(WARMUP);
-        self.offsets_effective = vmm
-            .ok("GET", "vm.clock", None)
-            .ok()
-            .and_then(|b| serde_json::from_str::<clockcarry::VmClock>(&b).ok())
-            .map(|c| c.capabilities.tsc_offset_effective);
+        let clock = vm_clock(vmm);
+        self.offsets_effective = clock.as_ref().map(|c| c.capabilities.tsc_offset_effective);
+        self.src_offsets = clock.map(|c| c.offsets());
+    }
+
+    /// The destination's offsets after the resume.
+    fn note_dst_offsets(&mut self, vmm: &VmmProcess) {
+        self.dst_offsets = vm_clock(vmm).map(|c| c.offsets());
     }
 
     fn sidecar(&self) -> PathBuf {
@@ -334,6 +349,7 @@ impl Run<'_> {
             dst.ok("PUT", "vm.resume", None)?;
         }
         std::thread::sleep(AFTER);
+        self.note_dst_offsets(&dst);
         self.step("shut down");
         dst.shutdown();
         Ok(())
@@ -410,10 +426,18 @@ impl Run<'_> {
             return Err("src: still running after the migration".into());
         }
         std::thread::sleep(AFTER);
+        self.note_dst_offsets(&dst);
         self.step("shut down");
         dst.shutdown();
         Ok(())
     }
+}
+
+/// `GET vm.clock`, parsed; `None` when the VMM has none to give.
+fn vm_clock(vmm: &VmmProcess) -> Option<clockcarry::VmClock> {
+    vmm.ok("GET", "vm.clock", None)
+        .ok()
+        .and_then(|b| serde_json::from_str::<clockcarry::VmClock>(&b).ok())
 }
 
 fn run_one(opts: &Options, scenario: Scenario, mode: Mode) -> Row {
@@ -446,6 +470,9 @@ fn empty_row(opts: &Options, scenario: Scenario, mode: Mode) -> Row {
         measure_bound_ns: None,
         tsc_bound_ns: None,
         restore_ns: None,
+        src_offsets: None,
+        dst_offsets: None,
+        offsets_bit_exact: None,
         pass: false,
         failed_checks: Vec::new(),
     }
@@ -468,6 +495,8 @@ fn run_measured(opts: &Options, scenario: Scenario, mode: Mode) -> Row {
         dir: dir.clone(),
         offsets_effective: None,
         restored: None,
+        src_offsets: None,
+        dst_offsets: None,
     };
     let result = match scenario {
         Scenario::PauseResume => run.pause_resume(),
@@ -476,6 +505,8 @@ fn run_measured(opts: &Options, scenario: Scenario, mode: Mode) -> Row {
     };
     run.step("analyse the probe logs");
     row.tsc_offsets_effective = run.offsets_effective;
+    row.src_offsets = run.src_offsets.take();
+    row.dst_offsets = run.dst_offsets.take();
     if let Some(r) = &run.restored {
         row.put_kvmclock_error_ns = r.put_kvmclock_error_ns;
         row.plan_mode.clone_from(&r.plan_mode);
@@ -485,6 +516,11 @@ fn run_measured(opts: &Options, scenario: Scenario, mode: Mode) -> Row {
     if let Err(e) = result {
         row.error = Some(e);
         return row;
+    }
+    let same_host = row.plan_mode.as_deref() == Some("same-host");
+    if mode.is_clockcarry() && same_host && row.tsc_offsets_effective == Some(true) {
+        row.offsets_bit_exact =
+            Some(row.src_offsets.is_some() && row.src_offsets == row.dst_offsets);
     }
     let logs = [dir.join("src.jsonl"), dir.join("dst.jsonl")];
     let paths: Vec<&Path> = logs.iter().map(PathBuf::as_path).collect();
@@ -589,6 +625,12 @@ pub fn check_row(row: &Row, env: &str) -> Vec<String> {
             e => failed.push(format!(
                 "|kvm-clock error| <= {KVMCLOCK_LIMIT_NS} ns: {e:?} ns"
             )),
+        }
+        if row.offsets_bit_exact == Some(false) {
+            failed.push(format!(
+                "a same-host plan copies the offsets bit for bit: source {:?}, destination {:?}",
+                row.src_offsets, row.dst_offsets
+            ));
         }
         if row.tsc_offsets_effective == Some(true) {
             match (row.tsc_error_ns, row.tsc_bound_ns) {
