@@ -593,6 +593,74 @@ fn applied_and_resumed(bin: &Path, dir: &TempDir, src: RefVmm, body: &str, url: 
     }
 }
 
+/// `clockcarry arm --api-socket` sends the vm.restore itself: 200, the
+/// report's `sent` with the VMM's typed answer, the VM running without a
+/// file written; a body gone stale before the VMM sees it (`--valid-for
+/// 1ns`) is refused by the VMM, exit 3 naming the field, and that VM is
+/// left restored and paused.
+#[test]
+fn refvmm_arm_sends_the_request_itself() {
+    if let Some(why) = skip() {
+        println!("SKIP: {why}");
+        return;
+    }
+    let bin: PathBuf = refvmm_binary().expect("refvmm binary");
+    let dir = TempDir::new("rv-arm-send");
+    let src = RefVmm::spawn(
+        &bin,
+        dir.path(),
+        "src",
+        &["--kernel", "probe", "--cpus", "2"],
+    )
+    .expect("start VMM");
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    let sidecar = capture_vm1(&dir, &src);
+    let snap = dir.join("snap");
+    let url = format!("file://{}", snap.display());
+    src.put_ok("/api/v1/vm.pause", None);
+    src.put_ok(
+        "/api/v1/vm.snapshot",
+        Some(&format!(r#"{{"destination_url":"{url}"}}"#)),
+    );
+    drop(src);
+    let arm = |vmm: &RefVmm, extra: &[&str]| {
+        let mut args = vec![
+            "arm",
+            "-i",
+            &sidecar,
+            "--vm",
+            "vm1",
+            "--for-restore",
+            &url,
+            "--api-socket",
+            vmm.socket_str(),
+            "--json",
+        ];
+        args.extend_from_slice(extra);
+        run(dir.path(), &args)
+    };
+
+    let stale = RefVmm::spawn(&bin, dir.path(), "stale", &[]).expect("VMM");
+    arm(&stale, &["--valid-for", "1ns"])
+        .expect(3)
+        .stderr_has("arm.planned_tai_ns")
+        .stderr_has("restored and paused");
+    assert_eq!(stale.clock().state, RunState::Paused);
+    assert_eq!(stale.info()["clockcarry"]["clock_put"], false);
+    drop(stale);
+
+    let dst = RefVmm::spawn(&bin, dir.path(), "dst", &[]).expect("VMM");
+    let r = arm(&dst, &[]);
+    r.expect(0);
+    let rep = r.json();
+    assert_eq!(rep["sent"]["status"], 200, "{rep}");
+    assert_eq!(rep["sent"]["endpoint"], "/api/v1/vm.restore");
+    assert_eq!(rep["sent"]["answer"]["outcome"], "applied", "{rep}");
+    assert_eq!(rep["out"], Value::Null);
+    assert_eq!(dst.clock().state, RunState::Running);
+    assert!(dst.info()["clockcarry"]["armed_clock_ns"].as_u64() > Some(0));
+}
+
 /// An in-place pause (capture, pause, restore without any snapshot): the
 /// VMM refuses the PUT (its vCPUs have run), restore exits 4 and says the
 /// VM needs no restore, not "fix the cause" (before: the generic advice).

@@ -23,6 +23,28 @@ pub use crate::vmclock_api::*;
 
 /// Path of the VMM liveness endpoint.
 pub const VMM_PING_ENDPOINT: &str = "/api/v1/vmm.ping";
+/// The requests an armed clock rides in (docs/armed.md).
+pub const VM_RESTORE_ENDPOINT: &str = "/api/v1/vm.restore";
+pub const VM_RECEIVE_MIGRATION_ENDPOINT: &str = "/api/v1/vm.receive-migration";
+
+/// Which request carries an armed clock.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ArmedRequest {
+    /// `vm.restore`, answered once the VM is restored (and resumed).
+    Restore,
+    /// `vm.receive-migration`, answered once the migration completed.
+    ReceiveMigration,
+}
+
+impl ArmedRequest {
+    pub fn endpoint(self) -> &'static str {
+        match self {
+            ArmedRequest::Restore => VM_RESTORE_ENDPOINT,
+            ArmedRequest::ReceiveMigration => VM_RECEIVE_MIGRATION_ENDPOINT,
+        }
+    }
+}
+
 /// Largest response body read, in bytes (Cloud Hypervisor's own limit).
 pub const MAX_RESPONSE_BYTES: u64 = 4 << 20;
 /// Default connect timeout.
@@ -220,6 +242,38 @@ impl ApiClient {
         })
     }
 
+    /// `PUT vm.restore` / `vm.receive-migration` with `body`, a request
+    /// carrying an armed `clock`. Success is a 2xx with the typed reply
+    /// (`outcome: applied`): a VMM that answers 204, or without that reply,
+    /// did not apply the clock (it does not know `clock`) and the error
+    /// says so. A refusal comes back as [`ApiError::Vmm`] with the typed
+    /// failure.
+    pub fn put_armed(&self, which: ArmedRequest, body: &[u8]) -> Result<PutAnswer, ApiError> {
+        let endpoint = which.endpoint();
+        let (status, answer) = self.call("PUT", endpoint, Some(body))?;
+        self.expect_success("PUT", endpoint, status, &answer)?;
+        let not_applied = |reason: String| ApiError::BadResponse {
+            method: "PUT",
+            endpoint,
+            reason: format!(
+                "{reason}: the VMM did not report the armed clock applied (a VMM without the \
+                 armed clock ignores it and restores with its own clock handling)"
+            ),
+        };
+        if answer.is_empty() {
+            return Err(not_applied(format!("HTTP {status} with no body")));
+        }
+        let (reply, value) = parse_put_applied(&answer).map_err(|e| not_applied(e.to_string()))?;
+        if reply.is_none() {
+            return Err(not_applied(format!("HTTP {status} without a typed reply")));
+        }
+        Ok(PutAnswer {
+            status,
+            reply,
+            body: value,
+        })
+    }
+
     fn expect_success(
         &self,
         method: &'static str,
@@ -230,7 +284,12 @@ impl ApiClient {
         if (200..300).contains(&status) {
             return Ok(());
         }
-        let failure = (method == "PUT" && endpoint == VM_CLOCK_ENDPOINT)
+        let typed = [
+            VM_CLOCK_ENDPOINT,
+            VM_RESTORE_ENDPOINT,
+            VM_RECEIVE_MIGRATION_ENDPOINT,
+        ];
+        let failure = (method == "PUT" && typed.contains(&endpoint))
             .then(|| parse_put_failure(body).map(Box::new))
             .flatten();
         Err(ApiError::Vmm {

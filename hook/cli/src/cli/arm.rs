@@ -3,12 +3,14 @@
 //! body the VMM applies itself between loading the VM's state and its first
 //! vCPU run (docs/armed.md). Nothing is sent to a VMM.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use clap::Args;
+use clockcarry::api::{ApiClient, ApiError, ApiOptions, ArmedRequest};
 use clockcarry::armed::{plan_armed, ArmPlanError, Armed};
-use clockcarry::plan::PlanMode;
-use clockcarry::vmclock_api::ClockPut;
+use clockcarry::plan::{ErrorBound, PlanMode};
+use clockcarry::vmclock_api::{ClockPut, PutOutcome};
 use serde::Serialize;
 
 use super::common::{self, plan_error, print_json, print_report};
@@ -41,6 +43,13 @@ DESCRIPTION
     ({\"source_url\"|\"receiver_url\": URL, \"resume\": true, \"clock\": ...};
     --no-resume for resume=false). The report goes to stdout (--json for
     JSON, with the body in it). Refusals exit 2 or 3 and write nothing.
+
+    With --api-socket PATH (and --for-restore or --for-receive) arm sends
+    the request itself and waits for the VMM's answer (--send-timeout,
+    default 30m: a receive-migration is answered once the migration has
+    completed): 200 with the typed reply is success, a VMM answering 204 or
+    without that reply did not apply the clock (exit 4), a refusal (the
+    field named, the VM restored and paused) exits 3.
 
     Give the sidecar with -i, or --vm alone for
     $CLOCKCARRY_STATE_DIR/<VM>.sidecar.json (where `serve` stores a sidecar
@@ -84,8 +93,20 @@ pub struct ArmArgs {
     #[arg(long, value_name = "DUR", default_value = "10m", value_parser = super::parse_dur)]
     pub valid_for: u64,
     /// Where to write the body (or the whole request with --for-*).
-    #[arg(short, long, value_name = "FILE")]
-    pub out: PathBuf,
+    #[arg(
+        short,
+        long,
+        value_name = "FILE",
+        required_unless_present = "api_socket"
+    )]
+    pub out: Option<PathBuf>,
+    /// Send the request (--for-restore / --for-receive) to this VMM API
+    /// socket and wait for its answer.
+    #[arg(long, value_name = "PATH")]
+    pub api_socket: Option<PathBuf>,
+    /// With --api-socket: give up waiting for the answer after this long.
+    #[arg(long, value_name = "DUR", default_value = "30m", value_parser = super::parse_dur)]
+    pub send_timeout: u64,
     /// Write a vm.restore body with this source_url.
     #[arg(long, value_name = "URL", conflicts_with = "for_receive")]
     pub for_restore: Option<String>,
@@ -108,13 +129,18 @@ pub struct ArmArgs {
 struct ArmReport {
     vm_id: String,
     sidecar: String,
-    out: String,
+    /// The file written, if any.
+    out: Option<String>,
     /// `clock`, or `vm.restore` / `vm.receive-migration`.
     wrote: &'static str,
+    /// With --api-socket: the VMM's answer.
+    sent: Option<Sent>,
     mode: PlanMode,
     /// The plan's time from the capture to this host's sample, ns.
     elapsed_ns: u64,
     error_bound_ns: u64,
+    /// The bound's parts, as `restore --json` reports them.
+    error_bound: ErrorBound,
     planned_tai_ns: u64,
     valid_for_ns: u64,
     /// `planned_tai_ns + valid_for_ns`.
@@ -122,6 +148,18 @@ struct ArmReport {
     vcpus: usize,
     notes: Vec<String>,
     clock: ClockPut,
+}
+
+/// What the VMM answered to the request `arm` sent.
+#[derive(Debug, Serialize)]
+struct Sent {
+    api_socket: String,
+    endpoint: &'static str,
+    status: u16,
+    /// The kvm-clock error the VMM reports for the applied clock, ns.
+    kvmclock_error_ns: Option<i64>,
+    /// The answer's JSON body as it came.
+    answer: Option<serde_json::Value>,
 }
 
 /// The request wrapped around the body, with `--for-*`.
@@ -169,6 +207,15 @@ pub fn run(args: &ArmArgs) -> CliResult<Exit> {
             "--no-resume: only with --for-restore or --for-receive (the body alone has no resume)",
         ));
     }
+    let send_to =
+        match (&args.api_socket, &args.for_restore, &args.for_receive) {
+            (None, _, _) => None,
+            (Some(_), None, None) => return Err(CliError::bad_input(
+                "--api-socket: give --for-restore URL or --for-receive URL (the request to send)",
+            )),
+            (Some(p), Some(_), _) => Some((p, ArmedRequest::Restore)),
+            (Some(p), None, Some(_)) => Some((p, ArmedRequest::ReceiveMigration)),
+        };
     let path = common::sidecar_path(args.input.as_deref(), args.vm.as_deref())?;
     if let Some(vm) = &args.vm {
         super::metrics::note(vm, |_| {});
@@ -216,17 +263,26 @@ pub fn run(args: &ArmArgs) -> CliResult<Exit> {
         (None, None) => ("clock", serde_json::to_vec_pretty(&put)),
     };
     let bytes = bytes.map_err(|e| CliError::internal(format!("cannot encode the body: {e}")))?;
-    clockcarry::fsio::write_atomic(&args.out, &bytes)
-        .map_err(|e| CliError::new(Exit::Internal, format!("cannot write the armed body: {e}")))?;
+    if let Some(out) = &args.out {
+        clockcarry::fsio::write_atomic(out, &bytes).map_err(|e| {
+            CliError::new(Exit::Internal, format!("cannot write the armed body: {e}"))
+        })?;
+    }
+    let sent = match send_to {
+        Some((socket, which)) => Some(send(socket, which, &bytes, args.send_timeout)?),
+        None => None,
+    };
 
     let rep = ArmReport {
         vm_id: body.vm.id.clone(),
         sidecar: path.display().to_string(),
-        out: args.out.display().to_string(),
+        out: args.out.as_ref().map(|p| p.display().to_string()),
         wrote,
+        sent,
         mode: plan.mode,
         elapsed_ns: plan.elapsed_ns,
         error_bound_ns: plan.error_bound.total_ns,
+        error_bound: plan.error_bound,
         planned_tai_ns: sample.tai_ns,
         valid_for_ns: args.valid_for,
         valid_until_tai_ns: sample.tai_ns.saturating_add(args.valid_for),
@@ -240,6 +296,46 @@ pub fn run(args: &ArmArgs) -> CliResult<Exit> {
         print_report(&human(&rep));
     }
     Ok(Exit::Ok)
+}
+
+/// Sends the armed request and reads the VMM's typed answer.
+fn send(socket: &Path, which: ArmedRequest, body: &[u8], timeout_ns: u64) -> CliResult<Sent> {
+    let client = ApiClient::new(
+        socket,
+        ApiOptions {
+            request_timeout: Duration::from_nanos(timeout_ns),
+            ..ApiOptions::default()
+        },
+    );
+    let endpoint = which.endpoint();
+    match client.put_armed(which, body) {
+        Ok(answer) => Ok(Sent {
+            api_socket: socket.display().to_string(),
+            endpoint,
+            status: answer.status,
+            kvmclock_error_ns: answer.kvmclock_error_ns(),
+            answer: answer.body,
+        }),
+        Err(e) => {
+            let outcome = match &e {
+                ApiError::Vmm { failure, .. } => failure.as_ref().map(|f| f.outcome),
+                _ => None,
+            };
+            let (exit, next) = match outcome {
+                Some(PutOutcome::Refused) => (
+                    Exit::Refused,
+                    "the VMM refused the armed clock and left the VM restored and paused: run \
+                     `clockcarry restore`, or resume with the VMM's own clock",
+                ),
+                _ if !e.request_sent() => (Exit::Vmm, "nothing reached the VMM"),
+                _ => (
+                    Exit::Vmm,
+                    "check the VM's state (GET vm.info, GET vm.clock) before resuming it",
+                ),
+            };
+            Err(CliError::new(exit, format!("{endpoint}: {e}")).with_hint(next))
+        }
+    }
 }
 
 fn human(rep: &ArmReport) -> String {
@@ -257,16 +353,27 @@ fn human(rep: &ArmReport) -> String {
         human_ns(rep.elapsed_ns),
         human_ns(rep.error_bound_ns),
         human_ns(rep.valid_for_ns),
-        rep.out,
+        rep.out.as_deref().unwrap_or("-"),
         rep.wrote,
     );
     for n in &rep.notes {
         s.push_str(&format!("  note          {n}\n"));
     }
-    s.push_str(
-        "next: pause and move the VM; the VMM applies this clock before its first vCPU run \
-         (or refuses it, naming the field, and leaves the VM paused)\n",
-    );
+    match &rep.sent {
+        Some(sent) => {
+            let err = sent
+                .kvmclock_error_ns
+                .map_or_else(|| "not reported".to_string(), |e| format!("{e} ns"));
+            s.push_str(&format!(
+                "  sent          {} to {}: HTTP {}, the clock applied, kvm-clock error {err}\n",
+                sent.endpoint, sent.api_socket, sent.status
+            ));
+        }
+        None => s.push_str(
+            "next: pause and move the VM; the VMM applies this clock before its first vCPU run \
+             (or refuses it, naming the field, and leaves the VM paused)\n",
+        ),
+    }
     s
 }
 
