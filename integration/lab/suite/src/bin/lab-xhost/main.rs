@@ -67,7 +67,20 @@ pub const SCENARIOS: [Scenario; 6] = [
     },
 ];
 
-pub const MODES: [&str; 3] = ["stock", "clockcarry", "clockcarry-measured"];
+pub const MODES: [&str; 4] = [
+    "stock",
+    "clockcarry",
+    "clockcarry-measured",
+    "clockcarry-armed",
+];
+
+/// Modes whose sidecar carries the measured offset (`capture --peer`): the
+/// measured one, and the armed one (the offset exchange, the sidecar pushed
+/// to B's `serve`, `clockcarry arm` there before the blackout and the VMM
+/// applying the clock in `vm.receive-migration` / `vm.restore`).
+pub fn peer_measured(mode: &str) -> bool {
+    matches!(mode, "clockcarry-measured" | "clockcarry-armed")
+}
 
 /// Options of the leader.
 #[derive(Debug, Clone)]
@@ -251,7 +264,7 @@ fn lead(ctx: &mut Ctx, opts: &Options) -> Result<usize, String> {
     let measured = vmm::measured_support(&ctx.tools);
     if let Err(why) = &measured {
         eprintln!(
-            "lab-xhost: !!! clockcarry-measured rows are SKIPPED: {why}; they are printed \
+            "lab-xhost: !!! clockcarry-measured and -armed rows are SKIPPED: {why}; they are printed \
              with \"skipped\" and not checked !!!"
         );
     }
@@ -270,7 +283,7 @@ fn lead(ctx: &mut Ctx, opts: &Options) -> Result<usize, String> {
     }) {
         for mode in &opts.modes {
             index = index.wrapping_add(1);
-            let skip = (mode == "clockcarry-measured")
+            let skip = peer_measured(mode)
                 .then(|| measured.clone().err())
                 .flatten();
             let row = run::lead(ctx, opts, sc, mode, index, &d_start, skip)?;

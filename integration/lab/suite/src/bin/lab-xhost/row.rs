@@ -159,7 +159,7 @@ pub fn fill_from_logs(
 /// (the true error within it) is checked by [`check`].
 pub fn targets_missed(row: &Row) -> Vec<String> {
     match (row.mode.as_str(), row.offset_bound_ns) {
-        ("clockcarry-measured", Some(b)) if b > OFFSET_BOUND_LIMIT_NS => vec![format!(
+        (m, Some(b)) if crate::peer_measured(m) && b > OFFSET_BOUND_LIMIT_NS => vec![format!(
             "offset_bound_ns <= 1 ms: {b} ns (best round trip {:?} ns of {:?} rounds)",
             row.best_round_trip_ns, row.peer_rounds
         )],
@@ -205,7 +205,7 @@ pub fn check(row: &Row, injected_step: bool) -> Vec<String> {
         ));
     }
     let bound = row.error_bound_ns.unwrap_or(0).saturating_add(truth);
-    let measured = row.mode == "clockcarry-measured";
+    let measured = crate::peer_measured(&row.mode);
     if measured && row.offset_bound_ns.is_none() {
         failed.push("a measured row carries the measured offset's bound".into());
     }

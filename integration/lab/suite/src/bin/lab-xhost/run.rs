@@ -55,6 +55,8 @@ const B_ADDR: &str = "169.254.77.2";
 const SERVE_PORT: u16 = 7702;
 const WARMUP: Duration = Duration::from_millis(1000);
 const AFTER: Duration = Duration::from_millis(1000);
+/// The armed mode: see [`crate::peer_measured`].
+const ARMED: &str = "clockcarry-armed";
 
 fn io(e: std::io::Error) -> String {
     format!("control: {e}")
@@ -175,7 +177,7 @@ fn fill(row: &mut Row, ctx: &Ctx, dir: &Path, off_a: &[i64], result: &Value, d: 
         .pointer("/restore/summary/mode")
         .and_then(Value::as_str)
         .map(str::to_string);
-    if row.mode == "clockcarry-measured" {
+    if crate::peer_measured(&row.mode) {
         let notes = result
             .pointer("/restore/summary/notes")
             .and_then(Value::as_array);
@@ -262,6 +264,10 @@ fn source(
             .send_file("sidecar", &dir.join("sidecar.json"))
             .map_err(io)?;
     }
+    if mode == ARMED {
+        // B has armed its VMM (or, for a snapshot, will at the restore).
+        ctx.ctl.expect("armed").map_err(io)?;
+    }
     let off_a = vmm::debugfs_offsets(pid, sc.vcpus)?;
     match sc.kind {
         Kind::Live => {
@@ -307,9 +313,13 @@ fn capture(ctx: &Ctx, src: &VmmProcess, mode: &str, dir: &Path) -> Result<(), St
     ]
     .map(str::to_string)
     .to_vec();
-    let measured = mode == "clockcarry-measured";
+    let measured = crate::peer_measured(mode);
     if measured {
         args.extend(["--peer".to_string(), peer]);
+        if mode == ARMED {
+            // Stored by B's serve, where `arm --vm` reads it.
+            args.push("--send-sidecar".into());
+        }
         args.extend(["--peer-rounds".to_string(), PEER_ROUNDS.to_string()]);
         args.extend(["--peer-max-rounds".to_string(), PEER_MAX_ROUNDS.to_string()]);
         args.extend(["--peer-goal".to_string(), PEER_GOAL.to_string()]);
@@ -399,36 +409,18 @@ fn destination(
     dir: &Path,
 ) -> Result<Value, String> {
     let dst = vmm::start(&ctx.tools, dir, "dst", mode, &[])?;
-    let _serve = Serve(if mode == "clockcarry-measured" {
-        let listen = format!("{B_ADDR}:{SERVE_PORT}");
-        let child = std::process::Command::new(&ctx.tools.clockcarry)
-            .args([
-                "--log-target",
-                "stderr",
-                "serve",
-                "--listen",
-                &listen,
-                "--once",
-            ])
-            .args(ctx.tools.key_args(true))
-            .stdin(std::process::Stdio::null())
-            .spawn()
-            .map_err(|e| format!("clockcarry serve: {e}"))?;
-        if !vmm::wait_listening(SERVE_PORT, Duration::from_secs(20)) {
-            return Err("clockcarry serve does not listen".into());
-        }
-        Some(child)
+    let state_dir = dir.join("state");
+    let _serve = if crate::peer_measured(mode) {
+        start_serve(ctx, &state_dir)?
     } else {
-        None
-    });
+        Serve(None)
+    };
+    let armed = mode == ARMED;
     let resume = mode == "stock";
-    let receive = if snapshot {
-        None
-    } else {
+    let receiver_url = format!("tcp:{B_ADDR}:{port}");
+    let receive_with = |body: String| {
         let socket = dst.socket.clone();
-        let body =
-            json!({"receiver_url": format!("tcp:{B_ADDR}:{port}"), "resume": resume}).to_string();
-        let h = std::thread::spawn(move || {
+        std::thread::spawn(move || {
             clockcarry_refvmm::http::request(
                 &socket,
                 "PUT",
@@ -436,44 +428,64 @@ fn destination(
                 Some(&body),
                 Duration::from_secs(120),
             )
-        });
+        })
+    };
+    let mut receive = None;
+    if !snapshot && !armed {
+        let body = json!({"receiver_url": receiver_url, "resume": resume}).to_string();
+        receive = Some(receive_with(body));
         if !vmm::wait_listening(port, Duration::from_secs(20)) {
             return Err(format!("the receiver does not listen on {port}"));
         }
-        Some(h)
-    };
+    }
     ctx.ctl.send(&json!({"step": "ready"})).map_err(io)?;
     if mode != "stock" {
         ctx.ctl.recv_file(&dir.join("sidecar.json")).map_err(io)?;
     }
-    match receive {
+    let mut report = Value::Null;
+    if armed {
+        if clocks != Clocks::AsBooted {
+            remark()?;
+        }
+        if !snapshot {
+            let (body, arm) = arm(ctx, dir, &state_dir, ArmFor::Receive(&receiver_url))?;
+            report = arm;
+            receive = Some(receive_with(body));
+            if !vmm::wait_listening(port, Duration::from_secs(20)) {
+                return Err(format!("the receiver does not listen on {port}"));
+            }
+        }
+        ctx.ctl.send(&json!({"step": "armed"})).map_err(io)?;
+    }
+    let applied = match receive {
         Some(h) => {
             let r = h
                 .join()
                 .map_err(|_| "receive thread panicked".to_string())?
                 .map_err(|e| format!("receive-migration: {e}"))?;
-            if r.status != 204 {
+            let want = if armed { 200 } else { 204 };
+            if r.status != want {
                 return Err(format!("receive-migration: HTTP {} {}", r.status, r.body));
             }
+            r.body
         }
-        None => restore_snapshot(ctx, &dst, dir)?,
-    }
-    let mut report = Value::Null;
-    if mode != "stock" {
+        None => {
+            let (applied, arm) = restore_snapshot(ctx, &dst, dir, armed.then_some(&state_dir))?;
+            if let Some(a) = arm {
+                report = a;
+            }
+            applied
+        }
+    };
+    if armed {
+        report = armed_report(report, &applied)?;
+    } else if mode != "stock" {
         if clocks != Clocks::AsBooted {
             remark()?;
         }
-        let socket = dst.socket.display().to_string();
-        let input = dir.join("sidecar.json").display().to_string();
-        let mut args: Vec<String> = ["restore", "--api-socket", &socket, "-i", &input, "--json"]
-            .map(str::to_string)
-            .to_vec();
-        args.extend(ctx.tools.key_args(false));
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        let out = vmm::clockcarry(&ctx.tools, &args)?;
-        report = serde_json::from_str(&out).map_err(|e| format!("restore --json: {e}"))?;
+        report = clockcarry_restore(ctx, &dst, dir)?;
     }
-    if mode != "stock" || snapshot {
+    if !armed && (mode != "stock" || snapshot) {
         dst.ok("PUT", "vm.resume", None)?;
     }
     std::thread::sleep(AFTER);
@@ -483,7 +495,104 @@ fn destination(
     Ok(json!({"step": "result", "offsets": offsets, "master_clock": master, "restore": report}))
 }
 
-fn restore_snapshot(ctx: &mut Ctx, dst: &VmmProcess, dir: &Path) -> Result<(), String> {
+/// B: `clockcarry serve --once`, storing a pushed sidecar in `state_dir`.
+fn start_serve(ctx: &Ctx, state_dir: &Path) -> Result<Serve, String> {
+    std::fs::create_dir_all(state_dir).map_err(|e| format!("{}: {e}", state_dir.display()))?;
+    let listen = format!("{B_ADDR}:{SERVE_PORT}");
+    let child = std::process::Command::new(&ctx.tools.clockcarry)
+        .args([
+            "--log-target",
+            "stderr",
+            "serve",
+            "--listen",
+            &listen,
+            "--once",
+        ])
+        .args(ctx.tools.key_args(true))
+        .env("CLOCKCARRY_STATE_DIR", state_dir)
+        .stdin(std::process::Stdio::null())
+        .spawn()
+        .map_err(|e| format!("clockcarry serve: {e}"))?;
+    let serve = Serve(Some(child));
+    if !vmm::wait_listening(SERVE_PORT, Duration::from_secs(20)) {
+        return Err("clockcarry serve does not listen".into());
+    }
+    Ok(serve)
+}
+
+/// B: `clockcarry restore --json` on the paused VM; its report.
+fn clockcarry_restore(ctx: &Ctx, dst: &VmmProcess, dir: &Path) -> Result<Value, String> {
+    let socket = dst.socket.display().to_string();
+    let input = dir.join("sidecar.json").display().to_string();
+    let mut args: Vec<String> = ["restore", "--api-socket", &socket, "-i", &input, "--json"]
+        .map(str::to_string)
+        .to_vec();
+    args.extend(ctx.tools.key_args(false));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = vmm::clockcarry(&ctx.tools, &args)?;
+    serde_json::from_str(&out).map_err(|e| format!("restore --json: {e}"))
+}
+
+/// What the armed request is for.
+enum ArmFor<'a> {
+    Receive(&'a str),
+    Restore(&'a str),
+}
+
+/// B: `clockcarry arm --vm` on the sidecar B's serve stored; the request
+/// body it wrote and its report.
+fn arm(
+    ctx: &Ctx,
+    dir: &Path,
+    state_dir: &Path,
+    url: ArmFor<'_>,
+) -> Result<(String, Value), String> {
+    let out = dir.join("armed-request.json");
+    let (flag, url) = match url {
+        ArmFor::Receive(u) => ("--for-receive", u),
+        ArmFor::Restore(u) => ("--for-restore", u),
+    };
+    let out_s = out.display().to_string();
+    let mut args: Vec<String> = ["arm", "--vm", VM_ID, flag, url, "-o", &out_s, "--json"]
+        .map(str::to_string)
+        .to_vec();
+    args.extend(ctx.tools.key_args(false));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let stdout = vmm::clockcarry_env(&ctx.tools, &args, &[("CLOCKCARRY_STATE_DIR", state_dir)])?;
+    let report = serde_json::from_str(&stdout).map_err(|e| format!("arm --json: {e}"))?;
+    let body = std::fs::read_to_string(&out).map_err(|e| format!("{}: {e}", out.display()))?;
+    Ok((body, report))
+}
+
+/// The armed row's report in the shape the rows read from `restore --json`
+/// (`summary.error_bound`, `summary.mode`, `summary.notes`,
+/// `kvmclock.vmm_error_ns`): the plan from `arm`'s report, the kvm-clock
+/// error from the VMM's 200 answer.
+fn armed_report(arm: Value, applied: &str) -> Result<Value, String> {
+    let reply: Value =
+        serde_json::from_str(applied).map_err(|e| format!("the armed reply: {e}: {applied}"))?;
+    if reply.get("outcome").and_then(Value::as_str) != Some("applied") {
+        return Err(format!("the armed clock was not applied: {applied}"));
+    }
+    Ok(json!({
+        "summary": {
+            "error_bound": arm.get("error_bound").cloned().unwrap_or(Value::Null),
+            "mode": arm.get("mode").cloned().unwrap_or(Value::Null),
+            "notes": arm.get("notes").cloned().unwrap_or(Value::Null),
+        },
+        "kvmclock": {"vmm_error_ns": reply.get("kvmclock_error_ns").cloned().unwrap_or(Value::Null)},
+        "arm": arm,
+    }))
+}
+
+/// B: the snapshot's files, then vm.restore (armed: with the clock armed
+/// right before it); the answer's body and, armed, `arm`'s report.
+fn restore_snapshot(
+    ctx: &mut Ctx,
+    dst: &VmmProcess,
+    dir: &Path,
+    armed_from: Option<&PathBuf>,
+) -> Result<(String, Option<Value>), String> {
     let msg = ctx.ctl.expect("snapshot").map_err(io)?;
     let snap = dir.join("snapshot");
     std::fs::create_dir_all(&snap).map_err(|e| e.to_string())?;
@@ -500,10 +609,19 @@ fn restore_snapshot(ctx: &mut Ctx, dst: &VmmProcess, dir: &Path) -> Result<(), S
         ctx.ctl.recv_file(&snap.join(name)).map_err(io)?;
     }
     let url = format!("file://{}", snap.display());
-    dst.ok(
-        "PUT",
-        "vm.restore",
-        Some(&json!({"source_url": url, "resume": false}).to_string()),
-    )?;
-    Ok(())
+    match armed_from {
+        Some(state_dir) => {
+            let (body, report) = arm(ctx, dir, state_dir, ArmFor::Restore(&url))?;
+            let applied = dst.ok("PUT", "vm.restore", Some(&body))?;
+            Ok((applied, Some(report)))
+        }
+        None => {
+            dst.ok(
+                "PUT",
+                "vm.restore",
+                Some(&json!({"source_url": url, "resume": false}).to_string()),
+            )?;
+            Ok((String::new(), None))
+        }
+    }
 }

@@ -122,9 +122,19 @@ pub fn master_clock(vmm: &VmmProcess) -> Result<bool, String> {
 
 /// Runs the clockcarry command; its stdout.
 pub fn clockcarry(tools: &Tools, args: &[&str]) -> Result<String, String> {
+    clockcarry_env(tools, args, &[])
+}
+
+/// [`clockcarry`] with these environment variables set.
+pub fn clockcarry_env(
+    tools: &Tools,
+    args: &[&str],
+    env: &[(&str, &Path)],
+) -> Result<String, String> {
     let out = Command::new(&tools.clockcarry)
         .args(["--log-target", "stderr"])
         .args(args)
+        .envs(env.iter().copied())
         .stdin(Stdio::null())
         .output()
         .map_err(|e| format!("{}: {e}", tools.clockcarry.display()))?;
