@@ -554,12 +554,17 @@ fn armed_restore_applies_before_the_first_run_or_refuses_naming_the_field() {
     assert_eq!(call(&dst, "PUT", "vm.resume", None).0, 204);
     dst.shutdown();
 
-    // Stale, and without its checks: refused the same way.
+    // Stale, a rate this VM was not restored at, and without its checks:
+    // refused the same way.
+    let other_rate = armed_body(&offsets, capture_guest_tsc, 2, 60_000_000_000)
+        .replace(r#""tsc_khz":null"#, r#""tsc_khz":1234567"#);
+    assert!(other_rate.contains("1234567"), "{other_rate}");
     for (clock, field) in [
         (
             armed_body(&offsets, capture_guest_tsc, 2, 1),
             "arm.planned_tai_ns",
         ),
+        (other_rate, "tsc_khz 1234567"),
         (
             r#"{"tsc_khz":null,"tsc_offsets":[0,0],"kvmclock":null}"#.to_string(),
             "clock.arm",
@@ -571,6 +576,7 @@ fn armed_restore_applies_before_the_first_run_or_refuses_naming_the_field() {
         assert_eq!(s, 400, "{b}");
         assert!(b.contains(field), "{field}: {b}");
         assert_eq!(state(&dst), "Paused");
+        assert_eq!(info(&dst)["clockcarry"]["clock_put"], false, "{field}");
         dst.shutdown();
     }
 
