@@ -260,9 +260,6 @@ impl ApiClient {
                  armed clock ignores it and restores with its own clock handling)"
             ),
         };
-        if answer.is_empty() {
-            return Err(not_applied(format!("HTTP {status} with no body")));
-        }
         let (reply, value) = parse_put_applied(&answer).map_err(|e| not_applied(e.to_string()))?;
         if reply.is_none() {
             return Err(not_applied(format!("HTTP {status} without a typed reply")));

@@ -1,9 +1,10 @@
 //! Apply an [`ApplyRequest`] (what a [`Plan`] or a `PUT vm.clock` asks) to
 //! a VM: every offset read for a rollback (unless the caller knows them,
-//! [`Previous::Known`]) -> frequency -> all offsets back to back -> kvm-clock (KVM_SET_CLOCK_GUEST,
-//! the calibrated KVM_SET_CLOCK of [`super::calibrate`], one raw
-//! KVM_SET_CLOCK, or nothing) -> KVMCLOCK_CTRL on each vCPU -> read every
-//! offset back (unless [`ApplyOptions::read_back`] is off). On any failure
+//! [`Previous::Known`]) -> frequency -> all offsets back to back ->
+//! kvm-clock (KVM_SET_CLOCK_GUEST, the calibrated KVM_SET_CLOCK of
+//! [`super::calibrate`], one raw KVM_SET_CLOCK, or nothing) ->
+//! KVMCLOCK_CTRL on each vCPU -> read every offset back (unless
+//! [`ApplyOptions::read_back`] is off). On any failure
 //! the previous frequency, offsets and kvm-clock are put back and the error
 //! names the step and says what the rollback did.
 //!

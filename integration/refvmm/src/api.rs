@@ -697,7 +697,6 @@ fn wait_readable(listener: &std::os::unix::net::UnixListener, timeout_ms: i32) -
     matches!(poll(&mut fds, timeout), Ok(n) if n > 0)
 }
 
-/// `f()` and how long it took, ns.
 /// An armed clock in the request replaces the baseline's restore-time
 /// clock handling (run later only if the armed clock does not apply).
 fn restore_clock(clock: Option<&ClockPut>) -> RestoreClock {
@@ -707,8 +706,9 @@ fn restore_clock(clock: Option<&ClockPut>) -> RestoreClock {
     }
 }
 
+/// `f()` and how long it took, ns.
 fn timed<T>(f: impl FnOnce() -> T) -> (T, u64) {
     let t = std::time::Instant::now();
     let v = f();
-    (v, u64::try_from(t.elapsed().as_nanos()).unwrap_or(u64::MAX))
+    (v, crate::stamp::elapsed_ns(t))
 }

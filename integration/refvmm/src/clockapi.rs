@@ -260,17 +260,14 @@ pub fn put(
     fault: Option<FaultPut>,
 ) -> Result<PutReply, ClockApiError> {
     check_put(vm, body)?;
-    let (options, previous) = match (mode, &body.arm) {
+    let (options, known) = match (mode, &body.arm) {
         (PutMode::Probed(probed), None) => (probed.apply_options(), None),
         _ => {
             let a = check_armed(vm, body)?;
             (a.options, Some(a.previous_offsets))
         }
     };
-    let previous = match &previous {
-        Some(offsets) => Previous::Known(offsets),
-        None => Previous::Read,
-    };
+    let previous = known.as_deref().map_or(Previous::Read, Previous::Known);
     // follow_pvti -> CLOCK_GUEST or the calibrated SET_CLOCK, set_clock ->
     // one raw KVM_SET_CLOCK, null -> no clock call: the library's contract.
     let request = ApplyRequest::from(body);

@@ -418,9 +418,10 @@ fn destination(
     let armed = mode == ARMED;
     let resume = mode == "stock";
     let receiver_url = format!("tcp:{B_ADDR}:{port}");
+    // vm.receive-migration with `body` in a thread, once it listens.
     let receive_with = |body: String| {
         let socket = dst.socket.clone();
-        std::thread::spawn(move || {
+        let h = std::thread::spawn(move || {
             clockcarry_refvmm::http::request(
                 &socket,
                 "PUT",
@@ -428,15 +429,17 @@ fn destination(
                 Some(&body),
                 Duration::from_secs(120),
             )
-        })
+        });
+        if vmm::wait_listening(port, Duration::from_secs(20)) {
+            Ok(h)
+        } else {
+            Err(format!("the receiver does not listen on {port}"))
+        }
     };
     let mut receive = None;
     if !snapshot && !armed {
         let body = json!({"receiver_url": receiver_url, "resume": resume}).to_string();
-        receive = Some(receive_with(body));
-        if !vmm::wait_listening(port, Duration::from_secs(20)) {
-            return Err(format!("the receiver does not listen on {port}"));
-        }
+        receive = Some(receive_with(body)?);
     }
     ctx.ctl.send(&json!({"step": "ready"})).map_err(io)?;
     if mode != "stock" {
@@ -450,10 +453,7 @@ fn destination(
         if !snapshot {
             let (body, arm) = arm(ctx, dir, &state_dir, ArmFor::Receive(&receiver_url))?;
             report = arm;
-            receive = Some(receive_with(body));
-            if !vmm::wait_listening(port, Duration::from_secs(20)) {
-                return Err(format!("the receiver does not listen on {port}"));
-            }
+            receive = Some(receive_with(body)?);
         }
         ctx.ctl.send(&json!({"step": "armed"})).map_err(io)?;
     }
